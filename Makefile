@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine with only python3:
+#   make demo   create .venv, install m3bsr, train M3BSR and a popularity baseline on the embedded dataset
+#   make test   create .venv, install m3bsr with test extras, run the default test suite (< 10 min, 2 cores)
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# torch is installed first and pinned: the CPU wheel is on local disk; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,serve]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/m3bsr demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info src/*.egg-info

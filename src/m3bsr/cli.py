@@ -1,0 +1,175 @@
+"""Command-line interface: maps commands and flags to configs and calls the layers below.
+
+No logic of its own. Every user error (:class:`~m3bsr.errors.InputError`) becomes one line on
+stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from m3bsr import __version__
+from m3bsr.errors import InputError
+
+EPILOG_SET = "Config keys are dotted, e.g. --set train.lr=0.001 --set model.no_meie=true (see docs/config.md)."
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars; plain log lines")
+
+
+def _run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML run config")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="m3bsr", description="M3BSR multi-modal multi-behavior sequential recommendation: "
+        "prepare data, train, evaluate, compare, recommend and serve.")
+    parser.add_argument("--version", action="version", version=f"m3bsr {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="build a prepared dataset directory from an event log",
+                       description="Build a prepared dataset (filter, remap, split, candidates) atomically. "
+                       "SOURCE is a file, a folder, or 'synthetic' (the embedded default).")
+    p.add_argument("source", nargs="?", help="event file or folder, or 'synthetic'")
+    p.add_argument("--preset", help="a built-in preset (ml100k_mm, retail_rocket, tmall, otto, synthetic)")
+    p.add_argument("--config", metavar="FILE", help="a prepare config YAML (see docs/data.md)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one prepare key, e.g. --set min_user_events=10 or synthetic.users=500")
+    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing different output directory")
+    p.add_argument("--inspect", metavar="DIR", type=Path, help="print the statistics table of a prepared DIR")
+    _common(p)
+
+    p = sub.add_parser("train", help="train a model on a prepared dataset", epilog=EPILOG_SET)
+    p.add_argument("--dataset", type=Path, help="prepared dataset directory")
+    p.add_argument("--model", help="model name (m3bsr, pop, gru4rec, sasrec, bert4rec, mbstr, mmsasrec)")
+    _run_options(p)
+    p.add_argument("--out", type=Path, help="run directory (default runs/<dataset>-<model>-s<seed>)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="sets train.device")
+    p.add_argument("--seed", type=int, help="sets seed")
+    p.add_argument("--resume", metavar="RUN_DIR", type=Path, help="continue a run from its last.pt")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a run (both protocols)")
+    p.add_argument("run_dir", type=Path)
+    _common(p)
+
+    p = sub.add_parser("demo", help="prepare the embedded dataset, train M3BSR and popularity, compare")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="where the demo writes (default runs/demo)")
+    _run_options(p)
+    _common(p)
+
+    p = sub.add_parser("model-summary", help="parameters per module and forward GFLOP per window",
+                       epilog=EPILOG_SET)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--model", default="m3bsr")
+    _run_options(p)
+    _common(p)
+
+    p = sub.add_parser("compare", help="train models x seeds on one split; write results.csv/.md/.png",
+                       epilog=EPILOG_SET)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--models", default="pop,sasrec,m3bsr", help="comma-separated model names")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    _run_options(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("sweep", help="grid search on validation only; write a table, emit the best config",
+                       epilog=EPILOG_SET)
+    p.add_argument("--dataset", type=Path, required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--grid", required=True, help='e.g. "model.hidden_size=64,128 train.lr=1e-3,1e-4"')
+    _run_options(p)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--emit-best", type=Path, metavar="FILE", help="write the best config as YAML")
+    p.add_argument("--overwrite", action="store_true")
+    _common(p)
+
+    p = sub.add_parser("features", help="extract offline item features (pip install m3bsr[encoders])")
+    fsub = p.add_subparsers(dest="modality", metavar="MODALITY", required=True)
+    ft = fsub.add_parser("text", help="MiniLM-L6 sentence embeddings (384-d) of item text columns")
+    ft.add_argument("items", type=Path, help="item table (CSV/Parquet) with an id column")
+    ft.add_argument("--columns", default="title", help="comma-separated text columns to join")
+    ft.add_argument("--id-column", default="item")
+    ft.add_argument("--out", type=Path, required=True, help="output .parquet/.npy/.safetensors")
+    ft.add_argument("--batch-size", type=int, default=64)
+    _common(ft)
+    fi = fsub.add_parser("image", help="EfficientNet-Lite0 pooled ImageNet features (1280-d) of item images")
+    fi.add_argument("images", type=Path, help="folder of <item id>.jpg/.png")
+    fi.add_argument("--out", type=Path, required=True)
+    fi.add_argument("--batch-size", type=int, default=32)
+    _common(fi)
+
+    p = sub.add_parser("recommend", help="top-k items for users of a trained run (original ids)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--user", help="one user id (original)")
+    p.add_argument("--users", type=Path, help="file of user ids, one per line")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--exclude-seen", action="store_true", help="mask items the user interacted with")
+    p.add_argument("--out", type=Path, help="batch output (.csv or .jsonl)")
+    _common(p)
+
+    p = sub.add_parser("serve", help="HTTP recommendation service (FastAPI + uvicorn)")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    _common(p)
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "prepare":
+        from m3bsr.data import prepare
+
+        return prepare.main(args)
+    if cmd in ("train", "evaluate", "demo", "model-summary"):
+        from m3bsr.engine import commands
+
+        return commands.main(args)
+    if cmd == "compare":
+        from m3bsr import compare
+
+        return compare.main(args)
+    if cmd == "sweep":
+        from m3bsr import sweep
+
+        return sweep.main(args)
+    if cmd == "features":
+        from m3bsr.encoders import commands as enc
+
+        return enc.main(args)
+    if cmd in ("recommend", "serve"):
+        from m3bsr.serving import commands as srv
+
+        return srv.main(args)
+    raise AssertionError(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``m3bsr`` console script. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_dispatch(args) or 0)
+    except InputError as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"m3bsr: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("m3bsr: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

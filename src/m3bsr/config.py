@@ -1,0 +1,206 @@
+"""Typed run configuration: one tree, saved with every run, settable with dotted ``--set`` keys.
+
+Sections: ``seed``, ``data`` (context window), ``model`` (the typed config of the chosen model,
+one class per model, registered in :mod:`m3bsr.models.registry`), ``train`` and ``eval``.
+Unknown keys and values of the wrong type are :class:`~m3bsr.errors.InputError` with one line
+naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError
+
+from m3bsr.errors import InputError, input_error
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DataConfig(StrictModel):
+    """How prepared data is cut into model inputs."""
+
+    max_len: int = Field(50, ge=1, description="context window: most recent events per behavior sequence")
+
+
+class BaseModelConfig(StrictModel):
+    """Fields every model shares. Each model subclasses it with ``name: Literal["<name>"]``."""
+
+    name: str
+    hidden_size: int = Field(64, ge=1)
+    n_layers: int = Field(2, ge=0)
+    n_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class TrainConfig(StrictModel):
+    """The training loop (engine)."""
+
+    max_epochs: int = Field(200, ge=1)
+    patience: int = Field(10, ge=1, description="epochs without valid improvement before stopping (paper: 10)")
+    batch_size: int = Field(256, ge=1, description="user windows per step")
+    eval_batch_size: int = Field(1024, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(5.0, ge=0, description="max global grad norm; 0 disables")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
+    compile: bool = Field(False, description="torch.compile the model")
+    monitor_protocol: Literal["sampled", "full"] = "full"
+    monitor_metric: str = "NDCG@10"
+    nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/inf loss: stop the run or skip the batch")
+    log_every: int = Field(0, ge=0, description="steps between log lines in --quiet mode; 0 = once per epoch")
+
+
+class EvalConfig(StrictModel):
+    """Evaluation protocols (spec section 5)."""
+
+    exclude: Literal["target", "none", "all"] = Field(
+        "target", description="full ranking: mask items of the user's target history (positive never masked)"
+    )
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    item_chunk: int = Field(65536, ge=1, description="items scored per chunk in full ranking (bounds memory)")
+
+
+class Config(StrictModel):
+    """A whole run."""
+
+    seed: int = 0
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: SerializeAsAny[BaseModelConfig]
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(),
+                              revalidate_instances="never")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe), including every model field."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------- building and overrides
+
+
+def _known_keys(cfg_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in cfg_cls.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += _known_keys(ann, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def known_keys(model_name: str) -> list[str]:
+    """Every dotted key settable for a run of ``model_name``."""
+    from m3bsr.models.registry import model_config_class
+
+    keys = [k for k in _known_keys(Config) if not k.startswith("model")]
+    keys += [f"model.{k}" for k in _known_keys(model_config_class(model_name))]
+    return sorted(keys)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` → ``(["train", "lr"], 0.001)``; values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise input_error(f"--set {text!r}", "expected KEY=VALUE", "Write e.g. --set train.lr=0.001")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise input_error(f"--set {text!r}", "empty key", "Write e.g. --set train.lr=0.001")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    if isinstance(parsed, str):
+        # YAML reads "1e-3" as a string; accept scientific notation for numbers.
+        try:
+            parsed = float(parsed) if any(c in parsed for c in ".eE") else int(parsed)
+        except ValueError:
+            pass
+    return key.split("."), parsed
+
+
+def set_dotted(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``raw[path[0]][path[1]]... = value``, creating sections as needed."""
+    node = raw
+    for part in path[:-1]:
+        if not isinstance(node.get(part, {}), dict):
+            raise input_error(f"key {'.'.join(path)}", f"{part} is a value, not a section")
+        node = node.setdefault(part, {})
+    node[path[-1]] = value
+
+
+def _explain(err: ValidationError, model_name: str, source: str, prefix: str = "") -> InputError:
+    first = err.errors()[0]
+    key = prefix + ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(key, known_keys(model_name), n=3)
+        hint = f"Did you mean {', '.join(close)}?" if close else "Run `m3bsr train --help` for the config keys."
+        return input_error(source, f"unknown config key {key!r}", hint)
+    return input_error(source, f"config key {key!r}: {first['msg']} (got {first.get('input')!r})",
+                       "Fix the value")
+
+
+def build_config(raw: dict[str, Any] | None = None, *, model: str | None = None,
+                 overrides: list[str] = (), source: str = "config") -> Config:
+    """Validate a nested dict (e.g. from YAML) plus ``--set`` overrides into a :class:`Config`.
+
+    ``model`` (a registered model name) takes precedence over ``raw['model']['name']``.
+    Raises :class:`InputError` naming the first bad key.
+    """
+    from m3bsr.models.registry import model_config_class
+
+    raw = copy.deepcopy(raw or {})
+    if not isinstance(raw, dict):
+        raise input_error(source, "the config must be a mapping of sections", "See docs/config.md")
+    model_raw = raw.setdefault("model", {})
+    if not isinstance(model_raw, dict):
+        raise input_error(source, "'model' must be a section", "Write model: {name: m3bsr, ...}")
+    if model is not None:
+        model_raw["name"] = model
+    for text in overrides:
+        path, value = parse_override(text)
+        set_dotted(raw, path, value)
+    name = raw["model"].get("name", "m3bsr")
+    raw["model"]["name"] = name
+    try:
+        cfg_cls = model_config_class(name)
+    except KeyError as e:
+        raise InputError(str(e.args[0])) from None
+    try:
+        model_cfg = cfg_cls.model_validate(raw["model"])
+    except ValidationError as e:
+        raise _explain(e, name, source, prefix="model.") from None
+    try:
+        return Config.model_validate({**{k: v for k, v in raw.items() if k != "model"}, "model": model_cfg})
+    except ValidationError as e:
+        raise _explain(e, name, source) from None
+
+
+def load_config(path: str | Path | None, *, model: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config file (safe loader) and apply ``--set`` overrides; ``path=None`` uses defaults."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise input_error(source, "file not found", "Check the --config path") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark else source
+            raise input_error(where, "not valid YAML", "Fix the syntax") from None
+    return build_config(raw, model=model, overrides=overrides, source=source if not overrides else
+                        f"{source} + --set")

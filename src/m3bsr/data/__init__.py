@@ -1,0 +1,1 @@
+"""Data layer: files → tables → tensors. Never imports :mod:`m3bsr.models`."""

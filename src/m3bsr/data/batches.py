@@ -1,0 +1,178 @@
+"""Prepared dataset → fixed-size numpy windows → :class:`~m3bsr.batch.SequenceBatch` tensors.
+
+Training windows hold up to ``max_len`` training targets of one user (chunks from the end of the
+target sequence) and the most recent ``max_len`` auxiliary events before the window's last
+target; every target in the window is a query (the all-targets pass, spec 2a).
+Evaluation windows hold, for one valid/test target, the most recent ``max_len`` events of each
+behavior strictly before it, the stored sampled candidates, and the items to mask in full ranking.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import torch
+
+from m3bsr.batch import PAD_TIME, SequenceBatch
+from m3bsr.data.prepared import PreparedDataset
+
+
+@dataclass
+class WindowArrays:
+    """Numpy twin of :class:`SequenceBatch` holding all windows; index it to get a batch."""
+
+    users: np.ndarray
+    aux_items: np.ndarray
+    aux_behaviors: np.ndarray
+    aux_times: np.ndarray
+    tgt_items: np.ndarray
+    tgt_times: np.ndarray
+    query_times: np.ndarray
+    labels: np.ndarray
+    candidates: np.ndarray | None = None
+    exclude_items: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_targets(self) -> int:
+        """Number of real queries over all windows."""
+        return int((self.labels != 0).sum())
+
+    def batch(self, index: np.ndarray | slice) -> SequenceBatch:
+        """The windows at ``index`` as a :class:`SequenceBatch` of CPU tensors."""
+        return SequenceBatch(**{f.name: (torch.from_numpy(np.ascontiguousarray(getattr(self, f.name)[index]))
+                                         if getattr(self, f.name) is not None else None)
+                                for f in fields(self)})
+
+
+class _UserEvents:
+    """Per-user CSR view of ``events.parquet`` (split by stream), built once."""
+
+    def __init__(self, ds: PreparedDataset):
+        ev = ds.events
+        users = ev["user"].to_numpy()
+        self.n_users = ds.n_users
+        self.streams = {}
+        for stream in (0, 1):
+            sel = ev["stream"].to_numpy() == stream
+            u = users[sel]
+            ptr = np.searchsorted(u, np.arange(self.n_users + 2))
+            self.streams[stream] = (ptr, ev["item"].to_numpy()[sel].astype(np.int64),
+                                    ev["behavior"].to_numpy()[sel].astype(np.int64) + 1,
+                                    ev["order"].to_numpy()[sel].astype(np.int64))
+
+    def get(self, stream: int, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Items, behavior ids (1-based), orders of one user's stream, ordered by time."""
+        ptr, items, beh, order = self.streams[stream]
+        a, b = ptr[user], ptr[user + 1]
+        return items[a:b], beh[a:b], order[a:b]
+
+
+def _put(dst: np.ndarray, row: int, values: np.ndarray) -> None:
+    dst[row, : len(values)] = values
+
+
+class WindowBuilder:
+    """Builds training and evaluation windows of one prepared dataset for a context ``max_len``."""
+
+    def __init__(self, ds: PreparedDataset, max_len: int):
+        self.ds = ds
+        self.max_len = max_len
+        self.events = _UserEvents(ds)
+
+    def _alloc(self, n: int, p: int) -> dict[str, np.ndarray]:
+        L = self.max_len
+        return {
+            "users": np.zeros(n, np.int64),
+            "aux_items": np.zeros((n, L), np.int64), "aux_behaviors": np.zeros((n, L), np.int64),
+            "aux_times": np.full((n, L), PAD_TIME, np.int64),
+            "tgt_items": np.zeros((n, L), np.int64), "tgt_times": np.full((n, L), PAD_TIME, np.int64),
+            "query_times": np.full((n, p), PAD_TIME, np.int64), "labels": np.zeros((n, p), np.int64),
+        }
+
+    def _fill_aux(self, out: dict, row: int, user: int, before: int) -> None:
+        items, beh, order = self.events.get(0, user)
+        k = np.searchsorted(order, before)  # events strictly before `before`
+        lo = max(0, k - self.max_len)
+        _put(out["aux_items"], row, items[lo:k])
+        _put(out["aux_behaviors"], row, beh[lo:k])
+        _put(out["aux_times"], row, order[lo:k])
+
+    def train_windows(self) -> WindowArrays:
+        """All training windows: every target event before the user's first evaluation target."""
+        first_eval = np.full(self.ds.n_users + 1, np.iinfo(np.int64).max, np.int64)
+        for t in (self.ds.valid, self.ds.test):
+            np.minimum.at(first_eval, t.user, t.order)
+        spans = []  # (user, lo, hi) slices of the target stream
+        for user in range(1, self.ds.n_users + 1):
+            _, _, order = self.events.get(1, user)
+            n = int(np.searchsorted(order, first_eval[user]))
+            for hi in range(n, 0, -self.max_len):
+                spans.append((user, max(0, hi - self.max_len), hi))
+        out = self._alloc(len(spans), self.max_len)
+        for row, (user, lo, hi) in enumerate(spans):
+            items, _, order = self.events.get(1, user)
+            out["users"][row] = user
+            _put(out["tgt_items"], row, items[lo:hi])
+            _put(out["tgt_times"], row, order[lo:hi])
+            _put(out["labels"], row, items[lo:hi])
+            _put(out["query_times"], row, order[lo:hi])
+            self._fill_aux(out, row, user, int(order[hi - 1]))
+        return WindowArrays(**out)
+
+    def eval_windows(self, split: Literal["valid", "test"],
+                     exclude: Literal["target", "none", "all"] = "target") -> WindowArrays:
+        """One window per valid/test target: history strictly before it, candidates, exclusions.
+
+        ``exclude_items`` lists the user's target-behavior items before the query (``target``),
+        also the auxiliary items (``all``), or nothing (``none``); the positive is never listed.
+        """
+        targets = getattr(self.ds, split)
+        n = len(targets)
+        out = self._alloc(n, 1)
+        excluded: list[np.ndarray] = []
+        for row in range(n):
+            user, item, q = int(targets.user[row]), int(targets.item[row]), int(targets.order[row])
+            out["users"][row] = user
+            out["labels"][row, 0] = item
+            out["query_times"][row, 0] = q
+            t_items, _, t_order = self.events.get(1, user)
+            k = int(np.searchsorted(t_order, q))
+            lo = max(0, k - self.max_len)
+            _put(out["tgt_items"], row, t_items[lo:k])
+            _put(out["tgt_times"], row, t_order[lo:k])
+            self._fill_aux(out, row, user, q)
+            seen = t_items[:k] if exclude != "none" else t_items[:0]
+            if exclude == "all":
+                a_items, _, a_order = self.events.get(0, user)
+                seen = np.concatenate([seen, a_items[: np.searchsorted(a_order, q)]])
+            seen = np.unique(seen)
+            excluded.append(seen[seen != item])
+        width = max([len(x) for x in excluded] + [1])
+        exclude_items = np.zeros((n, width), np.int64)
+        for row, seen in enumerate(excluded):
+            _put(exclude_items, row, seen)
+        return WindowArrays(**out, candidates=targets.candidates[:, None, :].astype(np.int64),
+                            exclude_items=exclude_items)
+
+
+def iterate_batches(windows: WindowArrays, batch_size: int, *, shuffle: bool = False,
+                    generator: torch.Generator | None = None, pin_memory: bool = False,
+                    rank: int = 0, world_size: int = 1):
+    """Yield :class:`SequenceBatch` es of ``batch_size`` windows.
+
+    With ``shuffle`` the order is a permutation drawn from ``generator`` (so resuming with a
+    restored generator replays the same order). With ``world_size > 1`` each rank takes every
+    ``world_size``-th window of the permutation (a distributed sampler).
+    """
+    n = len(windows)
+    order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+    if world_size > 1:
+        order = order[rank::world_size]
+    for start in range(0, len(order), batch_size):
+        b = windows.batch(order[start: start + batch_size])
+        yield b.pin_memory() if pin_memory else b

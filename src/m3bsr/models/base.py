@@ -1,0 +1,70 @@
+"""The contract every model implements (M3BSR and every baseline).
+
+The engine, evaluation, comparison and serving know nothing else about a model:
+
+* ``loss(batch) -> dict[str, Tensor]``: named scalar terms; the engine sums them and logs each.
+  ``"main"`` is the next-item cross-entropy (Eq. 24) over the query positions.
+* ``represent(batch) -> Tensor [B, P, d]``: a user vector per query (``batch.query_times``),
+  using only events strictly before each query.
+* ``score(reps, items=None) -> Tensor``: raw scores, ``[B, P, n_items + 1]`` over the whole
+  catalogue (column 0 is padding), or ``[B, P, C]`` for ``items`` of shape ``[C]`` (shared, e.g. a
+  chunk of the catalogue) or ``[B, P, C]`` (per query, e.g. sampled candidates).
+
+Models return raw scores; the engine masks padding and history and computes metrics.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from m3bsr.batch import Catalogue, SequenceBatch
+from m3bsr.config import BaseModelConfig
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: subclasses set ``config_class`` and implement :meth:`represent` and
+    :meth:`output_layer` (or override :meth:`score`)."""
+
+    config_class: ClassVar[type[BaseModelConfig]] = BaseModelConfig
+
+    def __init__(self, cfg: BaseModelConfig, catalogue: Catalogue):
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = catalogue.n_items
+
+    # --- to implement ---------------------------------------------------------------------------
+    def represent(self, batch: SequenceBatch) -> Tensor:
+        """[B, P, d] user representation per query."""
+        raise NotImplementedError
+
+    def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        """``(W [n_items + 1, d], b [n_items + 1] or None)``: score = reps @ W.T + b (Eq. 23)."""
+        raise NotImplementedError
+
+    # --- shared behaviour -----------------------------------------------------------------------
+    def score(self, reps: Tensor, items: Tensor | None = None) -> Tensor:
+        """Raw scores of ``reps`` [B, P, d] against all items or ``items`` ([C] or [B, P, C])."""
+        weight, bias = self.output_layer()
+        if items is None:
+            return F.linear(reps, weight, bias)  # [B, P, I+1]
+        if items.dim() == 1:
+            b = bias[items] if bias is not None else None
+            return F.linear(reps, weight[items], b)  # [B, P, C]
+        w = weight[items]  # [B, P, C, d]
+        out = torch.einsum("bpd,bpcd->bpc", reps, w)
+        return out + bias[items] if bias is not None else out
+
+    def main_loss(self, reps: Tensor, batch: SequenceBatch) -> Tensor:
+        """Eq. 24: mean cross-entropy of the true next target item over the query positions."""
+        mask = batch.query_mask
+        logits = self.score(reps[mask])  # [N, I+1]
+        logits[:, 0] = float("-inf")  # padding is never a valid answer
+        return F.cross_entropy(logits.float(), batch.labels[mask])
+
+    def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
+        """Named loss terms; the default is the main cross-entropy only."""
+        return {"main": self.main_loss(self.represent(batch), batch)}

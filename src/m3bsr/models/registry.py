@@ -1,0 +1,43 @@
+"""Model registry: name → model class (imported lazily, so each model lives in its own module)."""
+
+from __future__ import annotations
+
+import importlib
+
+from m3bsr.batch import Catalogue
+from m3bsr.config import BaseModelConfig
+from m3bsr.errors import input_error
+
+_MODELS: dict[str, str] = {
+    "m3bsr": "m3bsr.models.m3bsr:M3BSR",
+    "pop": "m3bsr.models.pop:Pop",
+    "gru4rec": "m3bsr.models.gru4rec:GRU4Rec",
+    "sasrec": "m3bsr.models.sasrec:SASRec",
+    "bert4rec": "m3bsr.models.bert4rec:BERT4Rec",
+    "mbstr": "m3bsr.models.mbstr:MBSTR",
+    "mmsasrec": "m3bsr.models.mmsasrec:MMSASRec",
+}
+
+
+def model_names() -> list[str]:
+    """Registered model names."""
+    return list(_MODELS)
+
+
+def model_class(name: str) -> type:
+    """The model class registered as ``name``."""
+    if name not in _MODELS:
+        raise KeyError(str(input_error(f"model {name!r}", "unknown model",
+                                       f"Choose one of: {', '.join(_MODELS)}")))
+    module, cls = _MODELS[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def model_config_class(name: str) -> type[BaseModelConfig]:
+    """The typed config class of model ``name``."""
+    return model_class(name).config_class
+
+
+def build_model(cfg: BaseModelConfig, catalogue: Catalogue):
+    """Instantiate the model named by ``cfg.name`` for ``catalogue``."""
+    return model_class(cfg.name)(cfg, catalogue)
