@@ -1,0 +1,119 @@
+"""Building blocks shared by M3BSR and the baselines: time-aware masks and attention blocks.
+
+Masks are boolean with True = "may attend" (the convention of
+``torch.nn.functional.scaled_dot_product_attention``). Every attention in the models uses a
+time-aware mask (spec 2a), not only a padding mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def time_mask(q_times: Tensor, k_times: Tensor, *, strict: bool) -> Tensor:
+    """[B, Lq, Lk] bool: query i may see key j iff ``k_times[j] < q_times[i]`` (strict) or ``<=``.
+
+    Padding keys carry ``PAD_TIME`` and are hidden from every real query automatically.
+    """
+    q = q_times.unsqueeze(-1)  # [B, Lq, 1]
+    k = k_times.unsqueeze(-2)  # [B, 1, Lk]
+    return k < q if strict else k <= q
+
+
+def latest_index_before(times: Tensor, query_times: Tensor) -> tuple[Tensor, Tensor]:
+    """Index of the latest token strictly before each query, and whether one exists.
+
+    Shapes: ``times`` [B, L] (ascending, padding = PAD_TIME at the end), ``query_times`` [B, P]
+    → ``index`` [B, P] (clamped to 0 when none), ``found`` [B, P] bool.
+    """
+    count = torch.searchsorted(times.contiguous(), query_times.contiguous(), right=False)  # [B, P]
+    found = count > 0
+    return (count - 1).clamp(min=0), found
+
+
+def gather_latest_before(x: Tensor, times: Tensor, query_times: Tensor, null: Tensor) -> Tensor:
+    """Read ``x`` [B, L, d] at the latest token strictly before each query → [B, P, d].
+
+    A query with no earlier token reads the learned ``null`` vector [d] (spec 2a, pooling DECIDED).
+    """
+    index, found = latest_index_before(times, query_times)
+    out = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, P, d]
+    return torch.where(found.unsqueeze(-1), out, null.to(out.dtype).expand_as(out))
+
+
+class FeedForward(nn.Module):
+    """Position-wise ``Linear → GELU → Dropout → Linear``."""
+
+    def __init__(self, d: int, dropout: float, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * d, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class MaskedAttention(nn.Module):
+    """Multi-head (cross-)attention with a boolean mask, via ``scaled_dot_product_attention``.
+
+    Shapes: ``q`` [B, Lq, d], ``kv`` [B, Lk, d], ``mask`` [B, Lq, Lk] bool → [B, Lq, d].
+    Rows of the mask with no True entry produce zeros (never NaN).
+    """
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"hidden size {d} is not divisible by n_heads {n_heads}")
+        self.h = n_heads
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.out = nn.Linear(d, d)
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
+        B, Lq, d = q.shape
+        Lk = kv.shape[1]
+        h = self.h
+        qh = self.q(q).view(B, Lq, h, d // h).transpose(1, 2)  # [B, h, Lq, dh]
+        k, v = self.kv(kv).view(B, Lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # each [B, h, Lk, dh]
+        any_key = mask.any(-1, keepdim=True)  # [B, Lq, 1]
+        # A fully masked row makes SDPA return NaN; let it see everything, then zero it.
+        safe = mask | ~any_key
+        y = F.scaled_dot_product_attention(qh, k, v, attn_mask=safe.unsqueeze(1),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, Lq, d)  # [B, Lq, d]
+        return self.out(y) * any_key.to(y.dtype)
+
+
+class TransformerBlock(nn.Module):
+    """Post-LN block: ``x = LN(x + Attn(x, kv, mask)); x = LN(x + FFN(x))`` (SASRec/BERT style).
+
+    ``kv=None`` makes it self-attention. Shapes: ``x`` [B, Lq, d], ``kv`` [B, Lk, d],
+    ``mask`` [B, Lq, Lk] bool → [B, Lq, d].
+    """
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.attn = MaskedAttention(d, n_heads, dropout)
+        self.ln1 = nn.LayerNorm(d)
+        self.ffn = FeedForward(d, dropout)
+        self.ln2 = nn.LayerNorm(d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, kv: Tensor | None = None) -> Tensor:
+        x = self.ln1(x + self.drop(self.attn(x, x if kv is None else kv, mask)))
+        return self.ln2(x + self.drop(self.ffn(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """A stack of self-attention :class:`TransformerBlock` s sharing one mask [B, L, L]."""
+
+    def __init__(self, d: int, n_layers: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(TransformerBlock(d, n_heads, dropout) for _ in range(n_layers))
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
