@@ -58,6 +58,7 @@ class TrainConfig(StrictModel):
     monitor_metric: str = "NDCG@10"
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/inf loss: stop the run or skip the batch")
     log_every: int = Field(0, ge=0, description="steps between log lines in --quiet mode; 0 = once per epoch")
+    eval_test: bool = Field(True, description="evaluate test once on the best checkpoint (sweeps set false)")
 
 
 class EvalConfig(StrictModel):

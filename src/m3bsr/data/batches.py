@@ -176,3 +176,66 @@ def iterate_batches(windows: WindowArrays, batch_size: int, *, shuffle: bool = F
     for start in range(0, len(order), batch_size):
         b = windows.batch(order[start: start + batch_size])
         yield b.pin_memory() if pin_memory else b
+
+
+# --------------------------------------------------------------------------- histories "up to now"
+# (used by serving: one window per user with everything known so far, the query after the last event)
+
+
+@dataclass
+class History:
+    """One user's full event history, each stream ordered by time (``times`` = per-user event rank).
+
+    ``aux_items``/``aux_behaviors``/``aux_times`` [Na]: auxiliary stream (behavior ids 1-based);
+    ``tgt_items``/``tgt_times`` [Nt]: target stream.
+    """
+
+    aux_items: np.ndarray
+    aux_behaviors: np.ndarray
+    aux_times: np.ndarray
+    tgt_items: np.ndarray
+    tgt_times: np.ndarray
+
+    @property
+    def now(self) -> int:
+        """Rank just after the last event: a query at this time may use every event."""
+        last = [int(t[-1]) for t in (self.aux_times, self.tgt_times) if len(t)]
+        return max(last) + 1 if last else 0
+
+    def items(self) -> np.ndarray:
+        """Unique items the user interacted with in any behavior."""
+        return np.unique(np.concatenate([self.aux_items, self.tgt_items]))
+
+
+def latest_windows(histories: list[History], max_len: int, users: np.ndarray | None = None) -> WindowArrays:
+    """One window per history with its most recent ``max_len`` events of each stream and one query
+    just after its last event (``labels`` is 1 as a placeholder so the query counts as real; there
+    is no true next item). ``exclude_items`` lists every item of the history (0-padded).
+    """
+    n = len(histories)
+    L = max_len
+    out = {
+        "users": np.zeros(n, np.int64) if users is None else np.asarray(users, np.int64),
+        "aux_items": np.zeros((n, L), np.int64), "aux_behaviors": np.zeros((n, L), np.int64),
+        "aux_times": np.full((n, L), PAD_TIME, np.int64),
+        "tgt_items": np.zeros((n, L), np.int64), "tgt_times": np.full((n, L), PAD_TIME, np.int64),
+        "query_times": np.zeros((n, 1), np.int64), "labels": np.ones((n, 1), np.int64),
+    }
+    seen = [h.items() for h in histories]
+    exclude_items = np.zeros((n, max([len(s) for s in seen] + [1])), np.int64)
+    for row, h in enumerate(histories):
+        _put(out["aux_items"], row, h.aux_items[-L:])
+        _put(out["aux_behaviors"], row, h.aux_behaviors[-L:])
+        _put(out["aux_times"], row, h.aux_times[-L:])
+        _put(out["tgt_items"], row, h.tgt_items[-L:])
+        _put(out["tgt_times"], row, h.tgt_times[-L:])
+        out["query_times"][row, 0] = h.now
+        _put(exclude_items, row, seen[row])
+    return WindowArrays(**out, exclude_items=exclude_items)
+
+
+def user_history(builder: WindowBuilder, user: int) -> History:
+    """Every event of dense ``user`` in ``builder``'s prepared dataset as a :class:`History`."""
+    a_items, a_beh, a_order = builder.events.get(0, user)
+    t_items, _, t_order = builder.events.get(1, user)
+    return History(a_items, a_beh, a_order, t_items, t_order)

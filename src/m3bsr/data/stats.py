@@ -1,0 +1,67 @@
+"""Dataset statistics (the paper's Table 1 and more) and their plain-text table for ``--inspect``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+PERCENTILES = (50, 90, 99)
+
+
+def _lengths(counts: np.ndarray) -> dict[str, float]:
+    if len(counts) == 0:
+        return {"mean": 0.0, **{f"p{p}": 0.0 for p in PERCENTILES}, "max": 0}
+    return {"mean": round(float(counts.mean()), 2),
+            **{f"p{p}": float(np.percentile(counts, p)) for p in PERCENTILES},
+            "max": int(counts.max())}
+
+
+def compute_statistics(events: pd.DataFrame, behavior_names: list[str], n_users: int, n_items: int,
+                       filtering: dict[str, Any]) -> dict[str, Any]:
+    """Statistics of the kept events (dense ids; ``stream`` 0/1; ``behavior`` indexes ``behavior_names``)."""
+    beh = events["behavior"].to_numpy()
+    per_behavior = {name: int((beh == k).sum()) for k, name in enumerate(behavior_names)}
+    streams = {}
+    for stream, label in ((0, "auxiliary"), (1, "target")):
+        sel = events["stream"].to_numpy() == stream
+        counts = np.bincount(events["user"].to_numpy()[sel], minlength=n_users + 1)[1:]
+        streams[label] = {"events": int(sel.sum()), "items": int(events.loc[sel, "item"].nunique()),
+                          "length": _lengths(counts)}
+    total = int(len(events))
+    return {
+        "users": int(n_users), "items": int(n_items), "events": total,
+        "events_per_behavior": per_behavior,
+        "streams": streams,
+        "events_per_user": _lengths(np.bincount(events["user"].to_numpy(), minlength=n_users + 1)[1:]),
+        "density": float(total / max(1, n_users * n_items)),
+        "time_span": [int(events["timestamp"].min()), int(events["timestamp"].max())] if total else [0, 0],
+        "filtering": filtering,
+    }
+
+
+def format_statistics(manifest: dict[str, Any]) -> str:
+    """A plain-text table of ``manifest["statistics"]`` (like the paper's Table 1)."""
+    s = manifest["statistics"]
+    b = manifest["behaviors"]
+    rows = [("dataset", str(manifest.get("source", {}).get("name", "?"))),
+            ("cut", str(manifest.get("config", {}).get("cut", "")) or "-"),
+            ("behaviors", f"target={b['target']}  auxiliary={'+'.join(b['auxiliary'])}"),
+            ("users", f"{s['users']:,}"), ("items", f"{s['items']:,}"), ("events", f"{s['events']:,}")]
+    for name, n in s["events_per_behavior"].items():
+        rows.append((f"  {name}", f"{n:,}"))
+    for label, st in s["streams"].items():
+        ln = st["length"]
+        rows.append((f"{label} stream", f"{st['events']:,} events, {st['items']:,} items; length/user "
+                     f"mean {ln['mean']} p50 {ln['p50']:g} p90 {ln['p90']:g} p99 {ln['p99']:g} max {ln['max']}"))
+    ln = s["events_per_user"]
+    rows.append(("events/user", f"mean {ln['mean']} p50 {ln['p50']:g} p90 {ln['p90']:g} p99 {ln['p99']:g} "
+                 f"max {ln['max']}"))
+    rows.append(("density", f"{s['density']:.4%}"))
+    for m, f in manifest.get("features", {}).items():
+        rows.append((f"feature {m}", f"dim {f['dim']}, {f['missing']:,} items missing (masked)"))
+    for k, v in s.get("filtering", {}).items():
+        rows.append((f"filter: {k}", f"{v:,}" if isinstance(v, int) else str(v)))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -1,0 +1,110 @@
+"""``m3bsr sweep``: a grid search scored on validation only (test is never evaluated).
+
+Each grid point is a normal training run (``<out>/runs/<k>-<slug>``) with ``train.eval_test=false``;
+finished points are skipped, so an interrupted sweep continues where it stopped. The table
+(``sweep.csv``, ``sweep.md``) ranks points by the monitored validation metric, and
+``--emit-best FILE`` writes the winning config as YAML, ready for ``m3bsr train --config FILE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from m3bsr import atomic
+from m3bsr.config import Config, load_config, parse_override
+from m3bsr.errors import input_error
+
+METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
+
+
+def parse_grid(text: str) -> list[tuple[str, list[str]]]:
+    """``"model.hidden_size=64,128 train.lr=1e-3,1e-4"`` → ``[("model.hidden_size", ["64", "128"]), ...]``."""
+    axes = []
+    for token in text.split():
+        if "=" not in token or not token.split("=", 1)[1]:
+            raise input_error(f"--grid {token!r}", "expected KEY=V1,V2,...", 'Write e.g. --grid "train.lr=1e-3,1e-4"')
+        key, values = token.split("=", 1)
+        parse_override(f"{key}=0")  # validates the key syntax
+        axes.append((key, [v for v in values.split(",") if v != ""]))
+    if not axes:
+        raise input_error("--grid", "empty grid", 'Write e.g. --grid "model.hidden_size=64,128"')
+    keys = [k for k, _ in axes]
+    if len(set(keys)) != len(keys):
+        raise input_error("--grid", "a key appears twice", "Give each key once with all its values")
+    return axes
+
+
+def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
+    """Cartesian product of the axes as lists of ``KEY=VALUE`` overrides."""
+    return [[f"{k}={v}" for (k, _), v in zip(axes, combo)] for combo in itertools.product(*(v for _, v in axes))]
+
+
+def _slug(overrides: list[str]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(o.split(".")[-1] for o in overrides))[:80]
+
+
+def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
+          overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False) -> pd.DataFrame:
+    """Train every grid point on ``dataset`` and rank them on validation. Returns the table."""
+    from m3bsr.engine.train import train
+
+    axes = parse_grid(grid)
+    points = grid_points(axes)
+    base = load_config(config, model=model, overrides=list(overrides))  # validates the fixed keys once
+    rows: list[dict[str, Any]] = []
+    for k, point in enumerate(points):
+        cfg = load_config(config, model=model, overrides=[*overrides, *point, "train.eval_test=false"])
+        run_dir = out / "runs" / f"{k:03d}-{_slug(point)}"
+        done = run_dir / "metrics.json"
+        if done.is_file():
+            metrics = json.loads(done.read_text())
+        else:
+            if not quiet:
+                print(f"[sweep {k + 1}/{len(points)}] {' '.join(point)}")
+            metrics = train(cfg, dataset, run_dir, overwrite=run_dir.exists(), quiet=quiet)
+        valid = metrics["valid"][base.train.monitor_protocol]
+        row = {key: value for key, value in (p.split("=", 1) for p in point)}
+        row.update({"run": run_dir.name, "best_epoch": metrics.get("best_epoch"),
+                    "seconds_per_epoch": metrics.get("seconds_per_epoch")})
+        row.update({f"valid_{m}": valid[m] for m in METRICS if m in valid})
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(f"valid_{base.train.monitor_metric}", ascending=False)
+    atomic.write_text(out / "sweep.csv", table.to_csv(index=False))
+    header = (f"# Sweep: {model} on {dataset}\n\nValidation only ({base.train.monitor_protocol} protocol), "
+              f"ranked by {base.train.monitor_metric}. Test was not evaluated.\n\n")
+    atomic.write_text(out / "sweep.md", header + _markdown(table) + "\n")
+    if emit_best is not None:
+        best = table.iloc[0]
+        point = [f"{k}={best[k]}" for k, _ in axes]
+        best_cfg: Config = load_config(config, model=model, overrides=[*overrides, *point])
+        atomic.write_yaml(emit_best, best_cfg.to_dict())
+    return table
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI: ``m3bsr sweep --dataset DIR --model NAME --grid "..." --out DIR [--emit-best FILE]``."""
+    if args.out.exists() and args.overwrite:
+        import shutil
+
+        shutil.rmtree(args.out)
+    table = sweep(args.dataset, args.model, args.grid, args.out, config=args.config, overrides=args.sets,
+                  emit_best=args.emit_best, quiet=args.quiet)
+    print(_markdown(table))
+    print(f"\nwrote {args.out / 'sweep.csv'} and {args.out / 'sweep.md'}"
+          + (f"; best config → {args.emit_best}" if args.emit_best else ""))
+    return 0

@@ -1,0 +1,252 @@
+"""prepare: filters, order, leave-one-out split, candidates, item table, features, cache, real data."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from m3bsr.data.batches import WindowBuilder
+from m3bsr.data.config import PrepareConfig, load_prepare_config
+from m3bsr.data.prepare import prepare, sample_candidates
+from m3bsr.data.prepared import PreparedDataset
+from m3bsr.data.stats import format_statistics
+from m3bsr.errors import InputError
+
+QUIET = dict(log=lambda m: None)
+
+
+def _cfg(**kw) -> PrepareConfig:
+    raw = {"name": "t", "events": {"path": "events.csv"},
+           "behaviors": {"target": "buy", "auxiliary": ["view"], "ignore": ["cart"]},
+           "min_user_events": 3, "keep_last": 50, "min_target_events": 2, "n_negatives": 5}
+    for k, v in kw.items():
+        raw[k] = v
+    return PrepareConfig.model_validate(raw)
+
+
+def _write(tmp_path, rows) -> Path:
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    pd.DataFrame(rows, columns=["user", "item", "behavior", "timestamp"]).to_csv(src / "events.csv", index=False)
+    return src
+
+
+def test_hand_computed_small_log(tmp_path):
+    rows = [  # input order matters for the tie at t=20
+        ("a", "x", "view", 10), ("a", "z", "view", 20), ("a", "y", "buy", 20), ("a", "x", "buy", 30),
+        ("a", "w", "cart", 35), ("a", "z", "buy", 40),
+        ("b", "x", "view", 1), ("b", "y", "buy", 2),                       # 2 events < min_user_events
+        ("c", "x", "view", 1), ("c", "y", "view", 2), ("c", "z", "buy", 3),  # 1 buy < min_target_events
+        ("d", "q", "buy", 5), ("d", "x", "view", 6), ("d", "y", "buy", 7), ("d", "x", "view", 8),
+    ]
+    m = prepare(_write(tmp_path, rows), _cfg(n_negatives=1), tmp_path / "out", **QUIET)
+    ds = PreparedDataset.load(tmp_path / "out")
+    assert m["statistics"]["filtering"]["users_dropped_min_user_events"] == 1
+    assert m["statistics"]["filtering"]["users_dropped_min_target_events"] == 1
+    assert m["statistics"]["filtering"]["events_other_behaviors_dropped"] == 1
+    assert ds.users["original"].tolist() == ["a", "d"]
+    assert ds.items["original"].tolist() == ["q", "x", "y", "z"]
+    item = dict(zip(ds.items["original"], ds.items["item"]))
+    a = ds.events[ds.events.user == 1]
+    assert a["order"].tolist() == [0, 1, 2, 3, 4]
+    assert [ds.items["original"][i - 1] for i in a["item"]] == ["x", "z", "y", "x", "z"]  # tie: input order
+    assert a["stream"].tolist() == [0, 0, 1, 1, 1]
+    assert ds.behavior_names == ["view", "buy"]
+    assert a["behavior"].tolist() == [0, 0, 1, 1, 1]
+    # leave-one-out: a's buys y(2) x(3) z(4); d's buys q(0) y(2)
+    assert ds.test.item.tolist() == [item["z"], item["y"]] and ds.test.order.tolist() == [4, 2]
+    assert ds.valid.item.tolist() == [item["x"], item["q"]] and ds.valid.order.tolist() == [3, 0]
+    # a touched w (cart, dropped), x, y, z: of the catalogue q,x,y,z only q is unseen; d never touched z
+    assert ds.test.candidates.tolist() == [[item["z"], item["q"]], [item["y"], item["z"]]]
+    assert ds.valid.candidates.tolist() == [[item["x"], item["q"]], [item["q"], item["z"]]]
+
+
+def test_too_few_unseen_items_is_an_error(tmp_path):
+    rows = [("a", "x", "view", 1), ("a", "y", "buy", 2), ("a", "z", "buy", 3),
+            ("b", "q", "buy", 1), ("b", "r", "buy", 2), ("b", "s", "view", 3)]
+    with pytest.raises(InputError, match=r"user 'a'.*only 3 of the 6 catalogue items are unseen; n_negatives=5"):
+        prepare(_write(tmp_path, rows), _cfg(n_negatives=5), tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
+
+
+def _random_log(n_users=40, n_items=120, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(3, 40))
+        t = np.sort(rng.integers(0, 50, n))  # many ties
+        beh = rng.choice(["view", "buy", "cart"], size=n, p=[0.6, 0.3, 0.1])
+        for k in range(n):
+            rows.append((f"u{u}", f"i{rng.integers(0, n_items)}", beh[k], int(t[k])))
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # input order != time order
+    return rows
+
+
+def test_split_never_leaks_and_candidates_exclude_the_whole_log(tmp_path):
+    rows = _random_log()
+    out = tmp_path / "out"
+    prepare(_write(tmp_path, rows), _cfg(keep_last=6, n_negatives=20), out, **QUIET)
+    ds = PreparedDataset.load(out)
+    log = pd.DataFrame(rows, columns=["user", "item", "behavior", "timestamp"])
+    touched = log.groupby("user")["item"].apply(set).to_dict()  # any behavior, before any cut
+    orig_user = dict(zip(ds.users["user"], ds.users["original"]))
+    orig_item = np.concatenate([[""], ds.items["original"].to_numpy()])
+    ev = ds.events
+    assert (ev.groupby("user")["order"].apply(lambda o: (o.to_numpy() == np.arange(len(o))).all())).all()
+    assert (ev.groupby(["user", "stream"]).size() <= 6).all()
+    for split in ("valid", "test"):
+        t = getattr(ds, split)
+        assert len(t) == ds.n_users
+        for r in range(len(t)):
+            u, q = t.user[r], t.order[r]
+            mine = ev[ev.user == u]
+            tgt = mine[mine.stream == 1]
+            assert q == tgt["order"].iloc[-1 if split == "test" else -2]
+            assert mine.loc[mine.order == q, "item"].item() == t.item[r]
+            before = mine[mine.order < q]
+            assert (before["timestamp"] <= mine.loc[mine.order == q, "timestamp"].item()).all()
+            c = t.candidates[r]
+            assert c[0] == t.item[r] and (c == t.item[r]).sum() == 1 and len(set(c)) == len(c) == 21
+            assert not set(orig_item[c[1:]]) & touched[orig_user[u]]
+        w = WindowBuilder(ds, max_len=4).eval_windows(split)
+        q = w.query_times[:, 0]
+        for times in (w.aux_times, w.tgt_times):
+            real = times < 2**62
+            assert (np.where(real, times, -1) < q[:, None]).all()
+        assert (w.candidates[:, 0, 0] == w.labels[:, 0]).all()
+
+
+def test_candidates_are_uniform_over_unseen_items():
+    rng = np.random.default_rng(0)
+    n_items, n_neg, reps = 50, 10, 3000
+    seen_u = np.array([1] * 10 + [2] * 39)
+    seen_i = np.concatenate([np.arange(1, 11), np.arange(1, 40)])  # user 2 is dense (exact-pool path)
+    users = np.array([1] * reps + [2] * 300)
+    pos = np.where(users == 1, 1, 2)
+    c = sample_candidates(users, pos, seen_u, seen_i, n_items, n_neg, rng, np.array(["a", "b"]))
+    assert (c[:, 0] == pos).all()
+    neg1, neg2 = c[:reps, 1:], c[reps:, 1:]
+    assert all(len(set(r)) == n_neg for r in neg1)
+    counts = np.bincount(neg1.ravel(), minlength=n_items + 1)
+    assert counts[:11].sum() == 0
+    expected = reps * n_neg / 40
+    assert np.abs(counts[11:] - expected).max() < 0.15 * expected
+    assert set(np.unique(neg2)) == set(range(40, 51)) and all(len(set(r)) == n_neg for r in neg2)
+    again = sample_candidates(users, pos, seen_u, seen_i, n_items, n_neg, np.random.default_rng(0),
+                              np.array(["a", "b"]))
+    assert (again == c).all()
+
+
+def test_cache_up_to_date_and_config_change(tmp_path):
+    src = _write(tmp_path, _random_log())
+    out = tmp_path / "out"
+    prepare(src, _cfg(n_negatives=20), out, **QUIET)
+    stamp = (out / "events.parquet").stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = prepare(src, _cfg(n_negatives=20), out, **QUIET)
+    assert again.get("up_to_date") and time.perf_counter() - t0 < 1.0
+    assert (out / "events.parquet").stat().st_mtime_ns == stamp
+    with pytest.raises(InputError, match="exists and was prepared from other sources or another config"):
+        prepare(src, _cfg(n_negatives=10), out, **QUIET)
+    prepare(src, _cfg(n_negatives=10), out, overwrite=True, **QUIET)
+    assert PreparedDataset.load(out).test.candidates.shape[1] == 11
+    (src / "events.csv").write_text((src / "events.csv").read_text() + "u0,i1,view,49\n")  # source changed
+    with pytest.raises(InputError, match="exists"):
+        prepare(src, _cfg(n_negatives=10), out, **QUIET)
+
+
+def test_item_table_and_features(tmp_path):
+    from safetensors.numpy import save_file
+
+    rows = [(f"{u}", f"{i}", "buy" if (u + i) % 2 else "view", 10 * u + i) for u in range(1, 6) for i in range(1, 9)
+            if i != u]  # user u never touches item u
+    src = _write(tmp_path, rows)
+    pd.DataFrame({"item": [1, 2, 3, 4, 5, 6, 7, 8, 99], "brand": ["b", "a", "", "a", "c", "c", "b", "a", "z"],
+                  "title": ["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T99"],
+                  "plot": ["p1", "", "p3", "p4", "p5", "p6", "p7", "p8", "p99"]}).to_csv(src / "items.csv", index=False)
+    (src / "img").mkdir()
+    (src / "img" / "3.jpg").write_bytes(b"x")
+    # text: parquet without item 2, with an unknown item 77; image: safetensors; side: npy + ids
+    pd.DataFrame({"item": [1, 3, 4, 5, 6, 7, 8, 77],
+                  "embedding": [[float(i), -float(i)] for i in (1, 3, 4, 5, 6, 7, 8, 77)]}).to_parquet(
+        src / "text.parquet")
+    save_file({"ids": np.array([8, 1], np.int64), "features": np.array([[8, 8, 8], [1, 1, 1]], np.float32)},
+              str(src / "image.safetensors"))
+    np.save(src / "extra.npy", np.arange(8, dtype=np.float32).reshape(8, 1) + 1)
+    (src / "extra.npy.ids").write_text("\n".join(str(i) for i in range(8, 0, -1)) + "\n")
+    cfg = _cfg(min_user_events=1, n_negatives=1, events={"path": "events.csv", "integer_ids": True},
+               items={"path": "items.csv", "side": ["brand"], "text": ["title", "plot"], "image": "img/{item}.jpg"},
+               features={"text": "text.parquet", "image": "image.safetensors", "extra": "extra.npy"})
+    m = prepare(src, cfg, tmp_path / "out", **QUIET)
+    ds = PreparedDataset.load(tmp_path / "out")
+    it = ds.items.set_index("original")
+    assert it.index.tolist() == [str(i) for i in range(1, 9)]
+    assert it["side_brand"].tolist() == [2, 1, 0, 1, 3, 3, 2, 1]  # a=1 b=2 c=3, empty = 0
+    assert it.loc["2", "text"] == "T2" and it.loc["1", "text"] == "T1. p1"
+    assert it.loc["3", "image"].endswith("img/3.jpg") and pd.isna(it.loc["1", "image"])
+    x, mask = ds.features["text"], ds.feature_masks["text"]
+    assert x.shape == (9, 2) and x.dtype == np.float32
+    assert mask.tolist() == [False, True, False, True, True, True, True, True, True]
+    assert (x[2] == 0).all() and x[4].tolist() == [4.0, -4.0]
+    assert m["feature_files"]["text"]["unused_rows"] == 1 and m["features"]["text"]["missing"] == 1
+    assert ds.feature_masks["image"].sum() == 2 and ds.features["image"][8].tolist() == [8, 8, 8]
+    assert ds.features["extra"][1:, 0].tolist() == [8, 7, 6, 5, 4, 3, 2, 1]
+    assert ds.catalogue().side_sizes["brand"] == 4
+
+
+def test_shared_retail_rocket_statistics(shared_data, tmp_path):
+    cfg = load_prepare_config("retail_rocket")
+    t0 = time.perf_counter()
+    m = prepare(shared_data / "retail_rocket", cfg, tmp_path / "rr", **QUIET)
+    seconds = time.perf_counter() - t0
+    print(f"\nprepare retail_rocket: {seconds:.1f} s\n" + format_statistics(m))
+    ds = PreparedDataset.load(tmp_path / "rr")
+    assert ds.behavior_names == ["view", "cart", "buy"] and ds.n_users == len(ds.test) == len(ds.valid)
+    assert ds.test.candidates.shape == (ds.n_users, 100)
+    assert (ds.events.groupby(["user", "stream"]).size() <= 50).all()
+    assert json.loads((tmp_path / "rr" / "manifest.json").read_text())["source"]["files"][0]["sha256"]
+
+
+def test_inspect_prints_table_one(tmp_path, capsys):
+    from m3bsr.cli import main as cli_main
+
+    prepare(_write(tmp_path, _random_log()), _cfg(n_negatives=20), tmp_path / "out", **QUIET)
+    assert cli_main(["prepare", "--inspect", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    ds = PreparedDataset.load(tmp_path / "out")
+    for row in ("users", "items", "events", "view", "buy", "target stream", "density",
+                "filter: users_dropped_min_user_events"):
+        assert row in text, row
+    n_view = int((ds.events.behavior == 0).sum())
+    assert any(line.split() == ["view", f"{n_view:,}"] for line in text.splitlines())
+
+
+def test_fixed_size_list_parquet_features(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from m3bsr.data.features import align_features
+
+    x = np.arange(6, dtype=np.float32)
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x), 3)
+    pq.write_table(pa.table({"item": pa.array(["b", "a"]), "embedding": emb}), tmp_path / "f.parquet")
+    out, mask, info = align_features(tmp_path / "f.parquet", np.array(["a", "b", "c"], dtype=object))
+    assert out.tolist() == [[0, 0, 0], [3, 4, 5], [0, 1, 2], [0, 0, 0]]
+    assert mask.tolist() == [False, True, True, False] and info["missing_items"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder,preset,sets", [("ml100k_mm", "ml100k_mm", []), ("tmall", "tmall", []),
+                                                ("otto_fixture", "otto", ["n_negatives=20"])])
+def test_shared_datasets_prepare(shared_data, tmp_path, folder, preset, sets):
+    t0 = time.perf_counter()
+    m = prepare(shared_data / folder, preset, tmp_path / folder, overrides=sets, **QUIET)
+    print(f"\nprepare {folder}: {time.perf_counter() - t0:.1f} s\n" + format_statistics(m))
+    ds = PreparedDataset.load(tmp_path / folder)
+    assert len(ds.test) == len(ds.valid) == ds.n_users > 0
+    assert (ds.test.candidates[:, 0] == ds.test.item).all()
