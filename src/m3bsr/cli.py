@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, help="most requests scored in one forward pass (default 64)")
+    p.add_argument("--max-wait-ms", type=float, help="wait for more requests after the first (default 2)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: half the CPUs, at most 4)")
     _common(p)
     return parser
 

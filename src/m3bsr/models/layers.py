@@ -117,3 +117,105 @@ class TransformerEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         return x
+
+
+def merge_by_time(aux_items: Tensor, aux_behaviors: Tensor, aux_times: Tensor, tgt_items: Tensor,
+                  tgt_times: Tensor, target_behavior: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Interleave the auxiliary and target sequences into one time-ordered sequence.
+
+    Shapes: ``aux_*`` [B, La], ``tgt_*`` [B, Lt] (left-aligned, padding time ``PAD_TIME``)
+    → ``items``, ``behaviors``, ``times`` each [B, La + Lt], ascending in time, left-aligned
+    (padding sorts to the end because its time is larger than every real time). Target tokens
+    get behavior id ``target_behavior``; padding keeps item and behavior 0.
+    """
+    items = torch.cat([aux_items, tgt_items], 1)  # [B, L]
+    tgt_beh = torch.where(tgt_items != 0, torch.full_like(tgt_items, target_behavior), torch.zeros_like(tgt_items))
+    behaviors = torch.cat([aux_behaviors, tgt_beh], 1)  # [B, L]
+    times = torch.cat([aux_times, tgt_times], 1)  # [B, L]
+    times, order = torch.sort(times, dim=1, stable=True)
+    return items.gather(1, order), behaviors.gather(1, order), times
+
+
+# --------------------------------------------------------------------------- grouped (stacked) blocks
+# G independent weight sets applied in one batched kernel each: M3BSR runs its seven denoisers and
+# six specific experts as a few grouped calls instead of one small call per module.
+
+
+class GroupedLinear(nn.Module):
+    """G independent ``Linear(d_in, d_out)`` s. Shapes: ``x`` [G, *, d_in] → [G, *, d_out]."""
+
+    def __init__(self, groups: int, d_in: int, d_out: int):
+        super().__init__()
+        bound = d_in ** -0.5  # nn.Linear's default initialisation range
+        self.weight = nn.Parameter(torch.empty(groups, d_in, d_out).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(groups, 1, d_out).uniform_(-bound, bound))
+
+    def forward(self, x: Tensor) -> Tensor:
+        G, shape = x.shape[0], x.shape[1:-1]
+        y = torch.baddbmm(self.bias, x.reshape(G, -1, x.shape[-1]), self.weight)  # [G, M, d_out]
+        return y.view(G, *shape, -1)
+
+
+class GroupedLayerNorm(nn.Module):
+    """G independent ``LayerNorm(d)`` s. Shapes: ``x`` [G, *, d] → same."""
+
+    def __init__(self, groups: int, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(groups, d))
+        self.bias = nn.Parameter(torch.zeros(groups, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        view = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+        return F.layer_norm(x, x.shape[-1:]) * self.weight.view(view) + self.bias.view(view)
+
+
+class GroupedAttention(nn.Module):
+    """G independent multi-head (cross-)attentions with boolean masks (True = may attend).
+
+    Shapes: ``q`` [G, N, Lq, d], ``kv`` [G, N, Lk, d], ``mask`` [G or 1, N, Lq, Lk] → [G, N, Lq, d].
+    Rows with no True entry produce zeros (never NaN), as in :class:`MaskedAttention`.
+    """
+
+    def __init__(self, groups: int, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        if d % n_heads:
+            raise ValueError(f"hidden size {d} is not divisible by n_heads {n_heads}")
+        self.h = n_heads
+        self.q = GroupedLinear(groups, d, d)
+        self.kv = GroupedLinear(groups, d, 2 * d)
+        self.out = GroupedLinear(groups, d, d)
+        self.dropout = dropout
+
+    def forward(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
+        G, N, Lq, d = q.shape
+        Lk, h = kv.shape[2], self.h
+        qh = self.q(q).view(G * N, Lq, h, d // h).transpose(1, 2)  # [G*N, h, Lq, dh]
+        k, v = self.kv(kv).view(G * N, Lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # each [G*N, h, Lk, dh]
+        mask = mask.expand(G, N, Lq, Lk).reshape(G * N, 1, Lq, Lk)
+        any_key = mask.any(-1)  # [G*N, 1, Lq]
+        safe = mask | ~any_key.unsqueeze(-1)  # a fully masked row makes SDPA return NaN
+        y = F.scaled_dot_product_attention(qh, k, v, attn_mask=safe,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(G, N, Lq, d)  # [G, N, Lq, d]
+        return self.out(y) * any_key.view(G, N, Lq, 1).to(y.dtype)
+
+
+class GroupedTransformerBlock(nn.Module):
+    """G independent post-LN blocks: ``x = LN(x + Attn(x, kv)); x = LN(x + FFN(x))``.
+
+    Shapes: ``x`` [G, N, Lq, d], ``kv`` [G, N, Lk, d] (``None``: self-attention),
+    ``mask`` [G or 1, N, Lq, Lk] bool → [G, N, Lq, d].
+    """
+
+    def __init__(self, groups: int, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.attn = GroupedAttention(groups, d, n_heads, dropout)
+        self.ln1 = GroupedLayerNorm(groups, d)
+        self.ff1 = GroupedLinear(groups, d, 4 * d)
+        self.ff2 = GroupedLinear(groups, 4 * d, d)
+        self.ln2 = GroupedLayerNorm(groups, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, mask: Tensor, kv: Tensor | None = None) -> Tensor:
+        x = self.ln1(x + self.drop(self.attn(x, x if kv is None else kv, mask)))
+        return self.ln2(x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(x))))))

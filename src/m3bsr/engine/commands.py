@@ -1,0 +1,127 @@
+"""CLI entry points of the engine: ``train``, ``evaluate``, ``demo``, ``model-summary``.
+
+Each maps flags to a config and calls the API (:mod:`train`, :mod:`evaluate`, :mod:`demo`); no
+training logic lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import yaml
+
+from m3bsr.config import Config, build_config, load_config
+from m3bsr.errors import input_error
+
+SUMMARY_BATCH = 32  # windows in the batch model-summary measures (its figures are per window)
+
+
+def run_config(config: str | Path | None, model: str | None, overrides: list[str]) -> tuple[Config, Path | None]:
+    """``--config`` (+ ``--model``, ``--set``) → Config, and the ``dataset:`` a run's config.yaml records.
+
+    A run's ``config.yaml`` is accepted as ``--config``: its ``dataset`` key is split off (and
+    used when ``--dataset`` is not given); every other key is validated as usual.
+    """
+    if config is not None and Path(config).is_file():
+        try:
+            raw = yaml.safe_load(Path(config).read_text()) if Path(config).suffix in (".yaml", ".yml") else None
+        except yaml.YAMLError:
+            raw = None  # load_config below reports it as one line with the line number
+        if isinstance(raw, dict) and "dataset" in raw:
+            dataset = raw.pop("dataset")
+            return build_config(raw, model=model, overrides=overrides, source=str(config)), Path(dataset)
+    return load_config(config, model=model, overrides=overrides), None
+
+
+def _flag_overrides(args: argparse.Namespace) -> list[str]:
+    """``--seed`` and ``--device`` are shorthands for ``--set seed=`` / ``--set train.device=``."""
+    extra = []
+    if getattr(args, "seed", None) is not None:
+        extra.append(f"seed={args.seed}")
+    if getattr(args, "device", None) is not None:
+        extra.append(f"train.device={args.device}")
+    return list(args.sets) + extra
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from m3bsr.engine.train import resume, train
+
+    if args.resume is not None:
+        for flag in ("dataset", "model", "config", "out", "seed"):
+            if getattr(args, flag) is not None:
+                raise input_error(f"--resume with --{flag}", "a resumed run keeps its dataset, model, config, "
+                                  "directory and seed", "Drop the flag (use --set for e.g. train.max_epochs)")
+        resume(args.resume, _flag_overrides(args), quiet=args.quiet)
+        return 0
+    cfg, recorded = run_config(args.config, args.model, _flag_overrides(args))
+    dataset = args.dataset or recorded
+    if dataset is None:
+        raise input_error("train", "no --dataset given", "Add --dataset DIR (a directory written by `m3bsr prepare`)")
+    train(cfg, Path(dataset), args.out, overwrite=args.overwrite, quiet=args.quiet)
+    return 0
+
+
+def _same(a, b, tol: float = 1e-9) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k], tol) for k in a)
+    return math.isclose(a, b, rel_tol=0, abs_tol=tol)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Re-evaluate best.pt, print the table and say whether it reproduces metrics.json (exit 1 if not)."""
+    from m3bsr.engine.evaluate import evaluate_run
+    from m3bsr.engine.metrics import metric_names
+    from m3bsr.engine.runs import RunDir, format_table
+
+    run = RunDir(args.run_dir)
+    result = evaluate_run(args.run_dir)
+    cfg, _ = run.read_config()
+    rows = {f"{split} {p}": result[split][p] for split in ("valid", "test") for p in ("sampled", "full")}
+    print(format_table(metric_names(cfg.eval.ks), rows, title=f"{args.run_dir} (best.pt)"))
+    if not run.metrics_json.is_file():
+        print("metrics.json: absent (run unfinished); nothing to compare")
+        return 0
+    recorded = run.read_summary()
+    checks = [(split, _same(result[split], recorded[split])) for split in ("valid", "test")
+              if recorded.get(split) is not None]
+    bad = [split for split, ok in checks if not ok]
+    if bad:
+        print(f"metrics.json: NOT reproduced for {', '.join(bad)} (different machine/device or modified files?)")
+        return 1
+    print(f"metrics.json: reproduced ({', '.join(s for s, _ in checks)})")
+    return 0
+
+
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    """Build the model for a dataset and print ``models.summary.summarize(model, batch)`` on a real training batch."""
+    from m3bsr.data.batches import WindowBuilder
+    from m3bsr.data.prepared import PreparedDataset
+    from m3bsr.models.registry import build_model
+    from m3bsr.models.summary import summarize
+    from m3bsr.seeding import seed_everything
+
+    cfg, _ = run_config(args.config, args.model, list(args.sets))
+    ds = PreparedDataset.load(args.dataset)
+    windows = WindowBuilder(ds, cfg.data.max_len).train_windows()
+    if len(windows) == 0:
+        raise input_error(str(args.dataset), "has no training windows", "Prepare a dataset with more target events")
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, ds.catalogue())
+    batch = windows.batch(slice(0, min(cfg.train.batch_size, SUMMARY_BATCH, len(windows))))
+    print(summarize(model, batch))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from m3bsr.engine.demo import run_demo
+
+    run_demo(args.out, config=args.config, overrides=list(args.sets), quiet=args.quiet)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Dispatch one engine command (``args.command``)."""
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "demo": cmd_demo, "model-summary": cmd_model_summary}
+    return commands[args.command](args)

@@ -1,0 +1,190 @@
+"""The run directory: what a user sees and keeps (everything written atomically)::
+
+    RUN/config.yaml          resolved config + ``dataset:`` (the prepared dataset directory)
+    RUN/metrics.jsonl        one JSON line per epoch (losses, valid metrics of both protocols, timing)
+    RUN/metrics.json         final summary (see :data:`SUMMARY_KEYS`)
+    RUN/best.pt last.pt      checkpoints (+ .sha256 sidecars, + .prev.pt fallbacks)
+    RUN/curves.png           losses and valid metrics per epoch
+    RUN/train.log            the log lines
+    RUN/test_ranks.parquet   user, rank_sampled, rank_full (test ranks of the best checkpoint)
+
+Every file reads without m3bsr (YAML, JSON, PNG, Parquet, ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from m3bsr import atomic
+from m3bsr.config import Config, build_config
+from m3bsr.errors import input_error
+
+SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
+
+
+def default_run_dir(dataset: Path, model: str, seed: int) -> Path:
+    """``runs/<dataset-name>-<model>-s<seed>`` (relative to the working directory)."""
+    return Path("runs") / f"{Path(dataset).resolve().name}-{model}-s{seed}"
+
+
+def split_run_config(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A run's config.yaml dict → (the config dict, the dataset path or None)."""
+    raw = dict(raw)
+    return raw, raw.pop("dataset", None)
+
+
+def _json(text: str, where: str) -> Any:
+    """``json.loads`` with a damaged file reported as one line naming it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise input_error(where, f"invalid JSON ({e.msg})", "Restore the file or re-train the run") from None
+
+
+@dataclass
+class RunDir:
+    """Paths of one run directory."""
+
+    root: Path
+
+    config = property(lambda self: self.root / "config.yaml")
+    metrics_jsonl = property(lambda self: self.root / "metrics.jsonl")
+    metrics_json = property(lambda self: self.root / "metrics.json")
+    curves = property(lambda self: self.root / "curves.png")
+    log_file = property(lambda self: self.root / "train.log")
+    test_ranks = property(lambda self: self.root / "test_ranks.parquet")
+
+    def checkpoint(self, which: str) -> Path:
+        """``best.pt`` or ``last.pt``."""
+        if which not in ("best", "last"):
+            raise ValueError(f"which must be 'best' or 'last', got {which!r}")
+        return self.root / f"{which}.pt"
+
+    # --- creation and config --------------------------------------------------------------------
+    @classmethod
+    def create(cls, root: Path, cfg: Config, dataset: Path, *, overwrite: bool) -> "RunDir":
+        """A fresh run directory holding only ``config.yaml`` (atomic; replaces an old one only with ``overwrite``)."""
+        root = Path(root)
+        if root.exists() and not overwrite:
+            raise input_error(str(root), "run directory already exists",
+                              "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+        with atomic.atomic_dir(root, overwrite=True) as tmp:
+            atomic.write_yaml(tmp / "config.yaml", {"dataset": str(Path(dataset).resolve()), **cfg.to_dict()})
+        return cls(root)
+
+    def write_config(self, cfg: Config, dataset: Path) -> None:
+        atomic.write_yaml(self.config, {"dataset": str(Path(dataset).resolve()), **cfg.to_dict()})
+
+    def read_config(self, overrides: list[str] = ()) -> tuple[Config, Path]:
+        """The run's :class:`Config` (plus ``overrides``) and its dataset directory."""
+        if not self.config.is_file():
+            raise input_error(str(self.root), "not a run directory (no config.yaml)",
+                              "Pass the directory written by `m3bsr train --out`")
+        try:
+            loaded = yaml.safe_load(self.config.read_text()) or {}
+        except yaml.YAMLError as e:  # incl. !!python tags: the safe loader refuses them
+            mark = getattr(e, "problem_mark", None)
+            raise input_error(f"{self.config}:{mark.line + 1}" if mark else str(self.config),
+                              "not valid YAML (Python tags are never loaded)",
+                              "Fix the file or re-train the run") from None
+        if not isinstance(loaded, dict):
+            raise input_error(str(self.config), "not a mapping of config sections", "Fix the file or re-train the run")
+        raw, dataset = split_run_config(loaded)
+        if dataset is None:
+            raise input_error(str(self.config), "no 'dataset' key", "Re-train the run")
+        return build_config(raw, overrides=list(overrides), source=str(self.config)), Path(dataset)
+
+    # --- per-epoch records ----------------------------------------------------------------------
+    def read_records(self) -> list[dict[str, Any]]:
+        if not self.metrics_jsonl.is_file():
+            return []
+        lines = self.metrics_jsonl.read_text().splitlines()
+        return [_json(line, f"{self.metrics_jsonl} line {n}") for n, line in enumerate(lines, 1) if line.strip()]
+
+    def write_records(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl atomically (a few hundred lines at most)."""
+        atomic.write_text(self.metrics_jsonl, "".join(json.dumps(r) + "\n" for r in records))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic.write_json(self.metrics_json, summary)
+
+    def read_summary(self) -> dict[str, Any]:
+        if not self.metrics_json.is_file():
+            raise input_error(str(self.root), "no metrics.json (the run has not finished)",
+                              "Finish it with `m3bsr train --resume RUN_DIR`")
+        return _json(self.metrics_json.read_text(), str(self.metrics_json))
+
+    def write_test_ranks(self, users: np.ndarray, ranks: dict[str, np.ndarray]) -> None:
+        table = pa.table({"user": np.asarray(users, np.int32),
+                          "rank_sampled": np.asarray(ranks["sampled"], np.int64),
+                          "rank_full": np.asarray(ranks["full"], np.int64)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        atomic.write_bytes(self.test_ranks, buf.getvalue())
+
+    def write_curves(self, records: list[dict[str, Any]], monitor_metric: str) -> None:
+        """curves.png: loss terms (left) and the monitored valid metric of both protocols (right)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(10, 4))
+        ax_loss, ax_metric = fig.subplots(1, 2)
+        epochs = [r["epoch"] for r in records]
+        for name in records[0]["loss"] if records else []:
+            ax_loss.plot(epochs, [r["loss"].get(name, np.nan) for r in records], marker="o", label=name)
+        ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss terms")
+        for protocol in ("sampled", "full"):
+            ax_metric.plot(epochs, [r["valid"][protocol].get(monitor_metric, np.nan) for r in records],
+                           marker="o", label=protocol)
+        ax_metric.set(xlabel="epoch", ylabel=f"valid {monitor_metric}", title=f"valid {monitor_metric}")
+        for ax in (ax_loss, ax_metric):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=80)
+        atomic.write_bytes(self.curves, buf.getvalue())
+
+
+class RunLog:
+    """Log lines to ``train.log`` (rewritten atomically each time) and, unless quiet, nowhere else.
+
+    The console side is handled by the caller (tqdm / print); this keeps the file complete.
+    """
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.lines: list[str] = path.read_text().splitlines() if path is not None and path.is_file() else []
+
+    def __call__(self, message: str, echo: bool = False) -> None:
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
+        self.lines.append(line)
+        if self.path is not None:
+            atomic.write_text(self.path, "\n".join(self.lines) + "\n")
+        if echo:
+            from tqdm import tqdm
+
+            tqdm.write(message)
+
+
+def format_table(columns: list[str], rows: dict[str, dict[str, float]], title: str = "") -> str:
+    """A plain-text table: one row per key of ``rows``, one column per metric name."""
+    width = max([len(k) for k in rows] + [8])
+    head = f"{'':<{width}}  " + "  ".join(f"{c:>8}" for c in columns)
+    lines = [title] if title else []
+    lines += [head, "-" * len(head)]
+    for name, values in rows.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{values.get(c, float('nan')):>8.4f}" for c in columns))
+    return "\n".join(lines)

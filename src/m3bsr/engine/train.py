@@ -1,0 +1,347 @@
+"""The training loop: a short spine of named steps, the same for every model.
+
+``train(cfg, dataset)`` = check the run dir → open a session (data, model, optimizer, generators)
+→ create the run dir → fit. ``resume(run_dir)`` = read config.yaml → open a session → restore
+last.pt (weights, optimizer, RNG states, epoch, best-so-far, patience) → fit. ``fit`` = epochs of
+(train epoch → validate both protocols → update best / patience → checkpoints → record) until
+``train.max_epochs`` or ``train.patience`` epochs without improvement of the monitored valid
+metric, then test ONCE on the best checkpoint.
+
+Randomness: the model is initialised after :func:`m3bsr.seeding.seed_everything`; the batch order
+comes from a generator derived from the seed; dropout and model noise use the global torch RNG.
+All their states go into last.pt, so a resumed run continues exactly (CPU).
+
+DDP-ready: a session carries ``rank``/``world_size`` (passed to ``iterate_batches``) and only
+``session.is_main`` writes files; wrapping the model and all-reducing metrics is what DDP would add.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from m3bsr.config import Config
+from m3bsr.data.batches import WindowArrays, WindowBuilder, iterate_batches
+from m3bsr.data.prepared import PreparedDataset
+from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from m3bsr.engine.evaluate import evaluate
+from m3bsr.engine.metrics import metric_names
+from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, format_table
+from m3bsr.errors import InputError, input_error
+from m3bsr.models.registry import build_model
+from m3bsr.seeding import seed_everything, torch_generator
+
+CHECKPOINT_FORMAT = 1
+
+
+class NonFiniteLoss(InputError):
+    """A NaN/inf loss or gradient stopped the run (the last good checkpoint is kept)."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides weights/optimizer/RNG that an exact resume needs."""
+
+    epoch: int = 0
+    best_value: float = -math.inf
+    best_epoch: int = 0
+    best_valid: dict[str, dict[str, float]] | None = None
+    bad_epochs: int = 0
+    skipped_batches: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Session:
+    """The objects of one training process."""
+
+    cfg: Config
+    dataset: Path
+    ds: PreparedDataset
+    builder: WindowBuilder
+    model: torch.nn.Module
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer | None
+    device: torch.device
+    train_windows: WindowArrays
+    valid_windows: WindowArrays
+    shuffle_gen: torch.Generator
+    quiet: bool
+    run: RunDir | None = None
+    log: RunLog = field(default_factory=lambda: RunLog(None))
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if (self.cuda and self.cfg.train.amp) else nullcontext()
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def train(cfg: Config, dataset: Path, out: Path | None = None, *, overwrite: bool = False,
+          quiet: bool = False) -> dict:
+    """Train ``cfg`` on the prepared ``dataset``, write the run dir ``out``; returns the metrics.json dict."""
+    out = Path(out) if out is not None else default_run_dir(dataset, cfg.model.name, cfg.seed)
+    if out.exists() and not overwrite:
+        raise input_error(str(out), "run directory already exists",
+                          "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+    session = open_session(cfg, Path(dataset), quiet=quiet)
+    attach_run(session, RunDir.create(out, cfg, dataset, overwrite=overwrite))
+    return fit(session, TrainState())
+
+
+def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> dict:
+    """Continue ``run_dir`` from last.pt (``overrides`` e.g. ``["train.max_epochs=20"]``); returns metrics.json."""
+    run = RunDir(Path(run_dir))
+    cfg, dataset = run.read_config(overrides)
+    checkpoint = load_checkpoint(run.checkpoint("last"))
+    session = open_session(cfg, dataset, quiet=quiet)
+    state = restore(session, checkpoint, where=str(run.checkpoint("last")))
+    attach_run(session, run)
+    run.write_config(cfg, dataset)
+    run.write_records([r for r in run.read_records() if r["epoch"] <= state.epoch])
+    session.log(f"resumed from last.pt at epoch {state.epoch}", echo=True)
+    return fit(session, state)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → cuda if available else cpu; ``cuda`` without a GPU is an input error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise input_error("train.device=cuda", "no CUDA device is available", "Use --device cpu or auto")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------- session set-up
+
+
+def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, world_size: int = 1) -> Session:
+    """Load data, build windows, model, optimizer and generators (writes nothing)."""
+    names = metric_names(cfg.eval.ks)
+    if cfg.train.monitor_metric not in names:
+        raise input_error(f"train.monitor_metric={cfg.train.monitor_metric}", "not a computed metric",
+                          f"Choose one of: {', '.join(names)}")
+    device = resolve_device(cfg.train.device)
+    ds = PreparedDataset.load(dataset)
+    builder = WindowBuilder(ds, cfg.data.max_len)
+    seed_everything(cfg.seed)
+    model = build_model(cfg.model, ds.catalogue()).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+                 if params else None)  # e.g. pop: buffers only
+    return Session(cfg=cfg, dataset=Path(dataset), ds=ds, builder=builder, model=model,
+                   loss_fn=torch.compile(model.loss) if cfg.train.compile else model.loss,
+                   optimizer=optimizer, device=device, train_windows=builder.train_windows(),
+                   valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
+                   shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
+                   rank=rank, world_size=world_size)
+
+
+def attach_run(session: Session, run: RunDir) -> None:
+    session.run = run
+    session.log = RunLog(run.log_file if session.is_main else None)
+
+
+def rng_states(session: Session) -> dict[str, Any]:
+    states = {"shuffle": session.shuffle_gen.get_state(), "torch": torch.get_rng_state()}
+    if session.cuda:
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt") -> TrainState:
+    """Load weights, optimizer and RNG states of a last.pt into ``session``; return the loop state."""
+    load_weights(session.model, checkpoint, session.cfg, where)  # another model/config: one-line error
+    if session.optimizer is not None:
+        session.optimizer.load_state_dict(checkpoint["optimizer"])
+    rng = checkpoint["rng"]
+    session.shuffle_gen.set_state(rng["shuffle"])
+    torch.set_rng_state(rng["torch"])
+    if session.cuda and "cuda" in rng:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainState(**checkpoint["state"])
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def fit(s: Session, state: TrainState) -> dict:
+    """Epochs until max_epochs or patience, then test once on the best checkpoint."""
+    s.log(f"model {s.cfg.model.name} on {s.dataset} ({len(s.train_windows)} windows, "
+          f"{s.train_windows.n_targets} targets) device {s.device}", echo=s.quiet)
+    while not should_stop(s.cfg, state):
+        state.epoch += 1
+        stats = train_epoch(s, state)
+        t0 = time.perf_counter()
+        valid, _ = evaluate(s.model, s.valid_windows, s.cfg.eval, s.cfg.train.eval_batch_size, s.device,
+                            amp=s.cfg.train.amp)
+        stats["eval_seconds"] = time.perf_counter() - t0
+        improved = update_best(s.cfg, state, valid)
+        save_checkpoints(s, state, improved)
+        record_epoch(s, state, stats, valid, improved)
+    return finish(s, state)
+
+
+def should_stop(cfg: Config, state: TrainState) -> bool:
+    return state.epoch >= cfg.train.max_epochs or state.bad_epochs >= cfg.train.patience
+
+
+def train_epoch(s: Session, state: TrainState) -> dict[str, Any]:
+    """One pass over the shuffled training windows; returns mean loss terms and timing."""
+    s.model.train()
+    sums: dict[str, float] = defaultdict(float)
+    n_targets = skipped = 0
+    batch_size = s.cfg.train.batch_size
+    total_steps = math.ceil(len(s.train_windows) / (batch_size * s.world_size))
+    batches = iterate_batches(s.train_windows, batch_size, shuffle=True, generator=s.shuffle_gen,
+                              pin_memory=s.cuda, rank=s.rank, world_size=s.world_size)
+    bar = tqdm(batches, total=total_steps, desc=f"epoch {state.epoch}", leave=False, disable=s.quiet,
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for step, batch in enumerate(bar, 1):
+        batch = batch.to(s.device, non_blocking=s.cuda)
+        n = batch.n_queries
+        terms = train_step(s, batch, state)
+        if terms is None:
+            skipped += 1
+            continue
+        for name, value in terms.items():
+            sums[name] += value * n
+        n_targets += n
+        rate = n_targets / max(time.perf_counter() - t0, 1e-9)
+        if not s.quiet:
+            bar.set_postfix(loss=f"{sums['total'] / max(n_targets, 1):.4f}", tgt_s=f"{rate:.0f}")
+        elif s.cfg.train.log_every and step % s.cfg.train.log_every == 0:
+            s.log(f"epoch {state.epoch} step {step}/{total_steps} loss {sums['total'] / n_targets:.4f} "
+                  f"targets/s {rate:.0f}", echo=True)
+    seconds = time.perf_counter() - t0
+    state.skipped_batches += skipped
+    return {"loss": {k: v / max(n_targets, 1) for k, v in sums.items()}, "seconds": seconds,
+            "targets_per_second": n_targets / max(seconds, 1e-9), "skipped_batches": skipped}
+
+
+def train_step(s: Session, batch, state: TrainState) -> dict[str, float] | None:
+    """Forward, sum the named terms, backward, clip, Adam step. ``None`` = batch skipped (non-finite)."""
+    with s.autocast():
+        terms = s.loss_fn(batch)
+    total = sum(terms.values())
+    values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
+    if not math.isfinite(values["total"]):
+        return nonfinite(s, state, f"loss {values}")
+    if s.optimizer is None or not total.requires_grad:  # e.g. pop: nothing to learn by gradient
+        return values
+    s.optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    params = [p for g in s.optimizer.param_groups for p in g["params"]]
+    norm = torch.nn.utils.clip_grad_norm_(params, s.cfg.train.grad_clip or math.inf)
+    if not math.isfinite(float(norm)):
+        s.optimizer.zero_grad(set_to_none=True)
+        return nonfinite(s, state, f"gradient norm {float(norm)}")
+    s.optimizer.step()
+    return values
+
+
+def nonfinite(s: Session, state: TrainState, what: str) -> None:
+    """``train.nonfinite=skip``: count and skip the batch; ``stop``: raise, keeping the last good checkpoint."""
+    if s.cfg.train.nonfinite == "skip":
+        s.log(f"epoch {state.epoch}: non-finite {what}; batch skipped")
+        return None
+    kept = (f"last good checkpoint {s.run.checkpoint('last')} (epoch {state.epoch - 1})"
+            if state.epoch > 1 and s.run is not None else "no checkpoint was written yet")
+    message = (f"epoch {state.epoch}: non-finite {what}; training stopped, {kept}. "
+               "Lower train.lr, set train.grad_clip, or pass --set train.nonfinite=skip")
+    s.log(message)
+    raise NonFiniteLoss(message)
+
+
+def update_best(cfg: Config, state: TrainState, valid: dict[str, dict[str, float]]) -> bool:
+    """Early-stopping bookkeeping on valid ``monitor_metric`` of ``monitor_protocol``; True if improved."""
+    value = valid[cfg.train.monitor_protocol][cfg.train.monitor_metric]
+    if value > state.best_value:
+        state.best_value, state.best_epoch, state.best_valid, state.bad_epochs = value, state.epoch, valid, 0
+        return True
+    state.bad_epochs += 1
+    return False
+
+
+def save_checkpoints(s: Session, state: TrainState, improved: bool) -> None:
+    """best.pt (weights) when improved, then last.pt (everything an exact resume needs)."""
+    if not s.is_main:
+        return
+    base = {"format": CHECKPOINT_FORMAT, "config": s.cfg.to_dict(), "dataset": str(s.dataset),
+            "epoch": state.epoch, "model": s.model.state_dict()}
+    if improved:
+        save_checkpoint(s.run.checkpoint("best"), {**base, "valid": state.best_valid})
+    save_checkpoint(s.run.checkpoint("last"), {
+        **base, "optimizer": s.optimizer.state_dict() if s.optimizer is not None else {},
+        "rng": rng_states(s), "state": state.to_dict()})
+
+
+def record_epoch(s: Session, state: TrainState, stats: dict[str, Any], valid: dict, improved: bool) -> None:
+    """Append the epoch to metrics.jsonl and log one line (curves.png is drawn once, in :func:`finish`)."""
+    if not s.is_main:
+        return
+    record = {"epoch": state.epoch, **stats, "valid": valid, "improved": improved}
+    records = s.run.read_records() + [record]
+    s.run.write_records(records)
+    metric = s.cfg.train.monitor_metric
+    s.log(f"epoch {state.epoch} loss {stats['loss'].get('total', float('nan')):.4f} "
+          f"valid {metric} sampled {valid['sampled'][metric]:.4f} full {valid['full'][metric]:.4f} "
+          f"{'*' if improved else ' '} {stats['seconds']:.1f}s {stats['targets_per_second']:.0f} targets/s",
+          echo=True)
+
+
+def finish(s: Session, state: TrainState) -> dict:
+    """Test once on best.pt, write test_ranks.parquet and metrics.json, print the final table."""
+    best = load_checkpoint(s.run.checkpoint("best"), map_location=s.device)
+    s.model.load_state_dict(best["model"])
+    test = None
+    if s.cfg.train.eval_test:
+        windows = s.builder.eval_windows("test", s.cfg.eval.exclude)
+        test, ranks = evaluate(s.model, windows, s.cfg.eval, s.cfg.train.eval_batch_size, s.device,
+                               amp=s.cfg.train.amp)
+        if s.is_main:
+            s.run.write_test_ranks(windows.users, ranks)
+    records = s.run.read_records()
+    summary = {"valid": state.best_valid, "test": test, "best_epoch": state.best_epoch, "epochs": state.epoch,
+               "seconds_per_epoch": float(np.mean([r["seconds"] for r in records])) if records else 0.0,
+               "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset),
+               "targets_per_second": float(np.mean([r["targets_per_second"] for r in records])) if records else 0.0,
+               "skipped_batches": state.skipped_batches,
+               "stop_reason": "patience" if state.bad_epochs >= s.cfg.train.patience else "max_epochs"}
+    if s.is_main:
+        s.run.write_summary(summary)
+        s.run.write_curves(records, s.cfg.train.monitor_metric)
+        s.log(f"done: best epoch {state.best_epoch} of {state.epoch} ({summary['stop_reason']}); "
+              f"{state.skipped_batches} batches skipped")
+        print(summary_table(summary, s.cfg.eval.ks))
+    return summary
+
+
+def summary_table(summary: dict, ks: list[int]) -> str:
+    """Valid (best epoch) and test metrics of both protocols as a text table."""
+    rows = {f"{split} {p}": summary[split][p] for split in ("valid", "test") if summary.get(split)
+            for p in ("sampled", "full")}
+    return format_table(metric_names(ks), rows, title=f"{summary['model']} (best epoch {summary['best_epoch']}, "
+                                                      f"{summary['seconds_per_epoch']:.1f} s/epoch)")

@@ -1,0 +1,187 @@
+"""MB-STR: multi-behavior sequential transformer over the merged multi-behavior sequence.
+
+Yuan, Gao, Li, Xu, Yu & Lin, "Multi-Behavior Sequential Transformer Recommender", SIGIR 2022.
+The paper's three parts, as implemented here:
+
+* Input: item embedding + behavior embedding per token of the time-ordered merged sequence
+  (``batch.aux_*`` interleaved with the target events, which carry ``catalogue.target_behavior``).
+* MB-Trm (behavior-aware attention): query/key/value and feed-forward projections are
+  behavior-specific (one weight per behavior type, chosen by the token's behavior), and each head
+  adds a learned bias indexed by (relative-distance bucket, query behavior, key behavior) — the
+  paper's multi-behavior sequential pattern generator, in T5-style log buckets.
+* BA-Pred (behavior-aware prediction): shared experts mixed by a behavior-specific softmax gate;
+  the target-behavior head gives the representation scored against the (tied) item embeddings.
+
+Defaults: 2 layers, 2 heads, dropout 0.1, 3 experts, 32 buckets (the paper follows BERT4Rec's sizes).
+NOTE (ARCHITECTURE.md "Baseline training"): the paper trains with BERT4Rec's cloze task; here the
+model is causal (time-masked attention) and trained like the other causal baselines with full
+cross-entropy on every target position (``main``), plus the same next-item loss on auxiliary-behavior
+tokens through their own behavior head (``aux``, weight ``aux_weight``), so every behavior supervises
+the model as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from m3bsr.batch import Catalogue, SequenceBatch
+from m3bsr.config import BaseModelConfig
+from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.layers import gather_latest_before, merge_by_time, time_mask
+
+
+class MBSTRConfig(BaseModelConfig):
+    """MB-STR hyper-parameters (hidden size shared with every model)."""
+
+    name: Literal["mbstr"] = "mbstr"
+    n_layers: int = Field(2, ge=0)
+    n_heads: int = Field(2, ge=1)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    n_experts: int = Field(3, ge=1, description="shared experts of the behavior-aware prediction")
+    n_buckets: int = Field(32, ge=2, description="relative-distance buckets of the attention bias")
+    max_distance: int = Field(128, ge=2, description="distance mapped to the last bucket")
+    aux_weight: float = Field(1.0, ge=0.0, description="weight of next-item loss on auxiliary behaviors")
+
+
+def relative_bucket(distance: Tensor, n_buckets: int, max_distance: int) -> Tensor:
+    """Bucket of a non-negative distance: exact below ``n/2``, logarithmic up to ``max_distance``."""
+    exact = n_buckets // 2
+    d = distance.clamp(min=0)
+    log = exact + (torch.log(d.float().clamp(min=1) / exact) / math.log(max_distance / exact)
+                   * (n_buckets - exact)).long()
+    return torch.where(d < exact, d, log.clamp(max=n_buckets - 1))
+
+
+class BehaviorLinear(nn.Module):
+    """A linear map with one weight per behavior id (0 = padding): ``x`` [B, L, i], ``beh`` [B, L] → [B, L, o]."""
+
+    def __init__(self, n_behaviors: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_behaviors + 1, d_in, d_out) / math.sqrt(d_in))
+        self.bias = nn.Parameter(torch.zeros(n_behaviors + 1, d_out))
+
+    def forward(self, x: Tensor, beh: Tensor) -> Tensor:
+        parts = []
+        for k in beh.unique().tolist():  # a handful of behaviors: one matmul each
+            sel = beh == k
+            parts.append((sel, F.linear(x[sel], self.weight[k].T, self.bias[k])))
+        dtype = parts[0][1].dtype if parts else x.dtype  # autocast may compute in bf16
+        out = x.new_zeros(*x.shape[:-1], self.weight.shape[-1], dtype=dtype)
+        for sel, y in parts:
+            out[sel] = y
+        return out
+
+
+class MBTransformerBlock(nn.Module):
+    """Behavior-aware self-attention + behavior-specific FFN (post-LN). Shapes: [B, L, d] → [B, L, d]."""
+
+    def __init__(self, cfg: MBSTRConfig, n_behaviors: int):
+        super().__init__()
+        d, self.h = cfg.hidden_size, cfg.n_heads
+        if d % self.h:
+            raise ValueError(f"hidden size {d} is not divisible by n_heads {self.h}")
+        self.nb = n_behaviors + 1
+        self.cfg = cfg
+        self.qkv = BehaviorLinear(n_behaviors, d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.bias = nn.Embedding(cfg.n_buckets * self.nb * self.nb, self.h)
+        nn.init.zeros_(self.bias.weight)
+        self.ffn1 = BehaviorLinear(n_behaviors, d, 4 * d)
+        self.ffn2 = BehaviorLinear(n_behaviors, 4 * d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, beh: Tensor, mask: Tensor, bucket: Tensor) -> Tensor:
+        B, L, d = x.shape
+        h = self.h
+        q, k, v = self.qkv(x, beh).view(B, L, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
+        pair = (bucket * self.nb + beh[:, :, None]) * self.nb + beh[:, None, :]  # [B, L, L]
+        bias = self.bias(pair).permute(0, 3, 1, 2).to(q.dtype)  # [B, h, L, L]
+        bias = bias.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                           dropout_p=self.cfg.dropout if self.training else 0.0)
+        x = self.ln1(x + self.drop(self.out(y.transpose(1, 2).reshape(B, L, d))))
+        return self.ln2(x + self.drop(self.ffn2(self.drop(F.gelu(self.ffn1(x, beh))), beh)))
+
+
+class MBSTR(SequentialRecommender):
+    """Shapes: merged tokens [B, L] → hidden [B, L, d] → latest before query [B, P, d] → target head."""
+
+    config_class = MBSTRConfig
+
+    def __init__(self, cfg: MBSTRConfig, catalogue: Catalogue):
+        super().__init__(cfg, catalogue)
+        d, nb = cfg.hidden_size, catalogue.n_behaviors
+        self.target_behavior = catalogue.target_behavior
+        self.item_emb = nn.Embedding(catalogue.n_items + 1, d, padding_idx=0)
+        self.beh_emb = nn.Embedding(nb + 1, d, padding_idx=0)
+        self.emb_ln = nn.LayerNorm(d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(MBTransformerBlock(cfg, nb) for _ in range(cfg.n_layers))
+        self.experts = nn.Linear(d, cfg.n_experts * d)
+        self.gates = nn.Parameter(torch.zeros(nb + 1, d, cfg.n_experts))
+        self.out_ln = nn.LayerNorm(d)
+        self.null = nn.Parameter(torch.randn(d) * 0.02)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.beh_emb.weight, std=0.02)  # same scale as items, or behaviors drown item identity
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+            self.beh_emb.weight[0].zero_()
+
+    def encode(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Hidden states [B, L, d] of the merged sequence and its items, behaviors, times [B, L]."""
+        items, beh, times = merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times,
+                                          batch.tgt_items, batch.tgt_times, self.target_behavior)
+        L = items.shape[1]
+        x = self.emb_ln(self.emb_drop(self.item_emb(items) + self.beh_emb(beh)))  # [B, L, d]
+        mask = time_mask(times, times, strict=False)  # [B, L, L]
+        pos = torch.arange(L, device=items.device)
+        bucket = relative_bucket(pos[:, None] - pos[None, :], self.cfg.n_buckets, self.cfg.max_distance)  # [L, L]
+        for block in self.blocks:
+            x = block(x, beh, mask, bucket)
+        return x, items, beh, times
+
+    def behavior_head(self, h: Tensor, beh: Tensor) -> Tensor:
+        """BA-Pred: ``sum_k softmax(G_b h)_k E_k(h)`` for behavior ``beh``. Shapes: [N, d], [N] → [N, d]."""
+        N, d = h.shape
+        experts = self.experts(h).view(N, -1, d)  # [N, K, d]
+        gate = torch.softmax(torch.einsum("nd,ndk->nk", h, self.gates[beh].to(h.dtype)), -1)  # [N, K]
+        return self.out_ln(torch.einsum("nk,nkd->nd", gate, experts))
+
+    def represent(self, batch: SequenceBatch) -> Tensor:
+        h, _, _, times = self.encode(batch)
+        last = gather_latest_before(h, times, batch.query_times, self.null)  # [B, P, d]
+        B, P, d = last.shape
+        beh = torch.full((B * P,), self.target_behavior, device=last.device)
+        return self.behavior_head(last.reshape(B * P, d), beh).view(B, P, d)
+
+    def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        return self.item_emb.weight, None
+
+    def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
+        h, items, beh, times = self.encode(batch)
+        last = gather_latest_before(h, times, batch.query_times, self.null)  # [B, P, d]
+        mask = batch.query_mask
+        tgt = torch.full((int(mask.sum()),), self.target_behavior, device=h.device)
+        reps = self.behavior_head(last[mask], tgt)  # [N, d]
+        weight, _ = self.output_layer()
+        logits = F.linear(reps, weight).float()
+        logits[:, 0] = float("-inf")
+        terms = {"main": F.cross_entropy(logits, batch.labels[mask])}
+        if self.cfg.aux_weight > 0:
+            # Token i predicts token i+1 when that one is an auxiliary event (its own behavior head).
+            nxt_items, nxt_beh = items[:, 1:], beh[:, 1:]
+            sel = (nxt_items != 0) & (nxt_beh != self.target_behavior)
+            if sel.any():
+                aux = F.linear(self.behavior_head(h[:, :-1][sel], nxt_beh[sel]), weight).float()
+                aux[:, 0] = float("-inf")
+                terms["aux"] = self.cfg.aux_weight * F.cross_entropy(aux, nxt_items[sel])
+            else:
+                terms["aux"] = h.sum() * 0.0
+        return terms

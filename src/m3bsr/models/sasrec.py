@@ -1,0 +1,130 @@
+"""SASRec: causal self-attention over the item sequence.
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018. Defaults follow the
+paper: 2 blocks, 1 head, dropout 0.2 (its ML-1m setting), learned absolute positions, the
+output layer tied to the item embedding (score = <F_t, M_i>).
+
+NOTE (ARCHITECTURE.md "Baseline training"): trained by default with full-softmax cross-entropy
+on every query (Klenitskiy & Vasilev, RecSys 2023); ``loss = "bce"`` is the paper's binary
+cross-entropy with one uniformly sampled negative per position.
+
+Input (``input``): ``merged`` reads the auxiliary and target events interleaved by time (the
+strongest fair input for a single-behavior model), ``target`` only the target behavior.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import Tensor, nn
+
+from m3bsr.batch import Catalogue, SequenceBatch
+from m3bsr.config import BaseModelConfig
+from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.layers import TransformerEncoder, gather_latest_before, merge_by_time, time_mask
+
+InputMode = Literal["merged", "target"]
+
+
+def sequence_input(batch: SequenceBatch, mode: InputMode, target_behavior: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequence a single-stream model reads: ``items``, ``behaviors``, ``times``, each [B, L].
+
+    ``merged``: auxiliary + target events ordered by time (L = La + Lt); ``target``: target events
+    only (L = Lt). Left-aligned, padding (item 0, time ``PAD_TIME``) at the end.
+    """
+    if mode == "merged":
+        return merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times,
+                             batch.tgt_items, batch.tgt_times, target_behavior)
+    beh = torch.where(batch.tgt_items != 0, torch.full_like(batch.tgt_items, target_behavior),
+                      torch.zeros_like(batch.tgt_items))
+    return batch.tgt_items, beh, batch.tgt_times
+
+
+def check_positions(length: int, max_positions: int, name: str) -> None:
+    """A clear error when a window is longer than the learned position table."""
+    if length > max_positions:
+        raise ValueError(f"{name}: input sequence of {length} tokens exceeds model.max_positions="
+                         f"{max_positions}; set --set model.max_positions={length} or lower data.max_len")
+
+
+def sample_negatives(positives: Tensor, n_items: int) -> Tensor:
+    """One item per positive, uniform over ``1..n_items`` without the positive itself. Shapes: [N] → [N].
+
+    NOTE: draws from the global torch RNG (seeded from the run seed by the engine, like dropout).
+    """
+    offset = torch.randint(1, max(n_items, 2), positives.shape, device=positives.device)
+    return (positives - 1 + offset) % n_items + 1
+
+
+class SASRecConfig(BaseModelConfig):
+    """SASRec hyper-parameters (paper defaults; hidden size shared with every model)."""
+
+    name: Literal["sasrec"] = "sasrec"
+    n_layers: int = Field(2, ge=0)
+    n_heads: int = Field(1, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    input: InputMode = Field("merged", description="merged = aux + target events by time; target = target only")
+    loss: Literal["ce", "bce"] = Field("ce", description="ce = full softmax; bce = paper's one sampled negative")
+    max_positions: int = Field(512, ge=1, description="learned positions; >= merged window length (2 x data.max_len)")
+
+
+class SASRec(SequentialRecommender):
+    """Causal Transformer; the representation for a query is the hidden state of the latest
+    token strictly before it (a learned null vector when there is none).
+
+    Shapes: sequence [B, L] → hidden [B, L, d] → :meth:`represent` [B, P, d].
+    """
+
+    config_class = SASRecConfig
+
+    def __init__(self, cfg: SASRecConfig, catalogue: Catalogue):
+        super().__init__(cfg, catalogue)
+        d = cfg.hidden_size
+        self.target_behavior = catalogue.target_behavior
+        self.item_emb = nn.Embedding(catalogue.n_items + 1, d, padding_idx=0)
+        self.pos_emb = nn.Embedding(cfg.max_positions, d)
+        self.emb_drop = nn.Dropout(cfg.dropout)
+        self.emb_ln = nn.LayerNorm(d)
+        self.encoder = TransformerEncoder(d, cfg.n_layers, cfg.n_heads, cfg.dropout)
+        self.null = nn.Parameter(torch.randn(d) * 0.02)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """Input (and output) vector of each item id: [...] → [..., d]."""
+        return self.item_emb(items)
+
+    def encode(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
+        """Hidden states [B, L, d] and token times [B, L]; token i sees tokens with time <= its own."""
+        items, _, times = sequence_input(batch, self.cfg.input, self.target_behavior)
+        B, L = items.shape
+        check_positions(L, self.cfg.max_positions, "sasrec")
+        pos = self.pos_emb(torch.arange(L, device=items.device))  # [L, d]
+        x = self.emb_ln(self.emb_drop(self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos))  # [B, L, d]
+        h = self.encoder(x, time_mask(times, times, strict=False))  # [B, L, d]
+        return h, times
+
+    def represent(self, batch: SequenceBatch) -> Tensor:
+        h, times = self.encode(batch)
+        return gather_latest_before(h, times, batch.query_times, self.null)  # [B, P, d]
+
+    def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        return self.item_emb.weight, None
+
+    def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
+        reps = self.represent(batch)
+        if self.cfg.loss == "ce":
+            return {"main": self.main_loss(reps, batch)}
+        # Paper loss: -log sigmoid(s_pos) - log(1 - sigmoid(s_neg)), averaged over query positions.
+        mask = batch.query_mask
+        pos = batch.labels[mask]  # [N]
+        neg = sample_negatives(pos, self.n_items)  # [N]
+        r = reps[mask]  # [N, d]
+        s = self.score(r[:, None, :], torch.stack([pos, neg], 1)[:, None, :])[:, 0].float()  # [N, 2]
+        return {"main": F.softplus(-s[:, 0]).mean() + F.softplus(s[:, 1]).mean()}

@@ -1,0 +1,215 @@
+"""The training loop: resume equivalence, determinism, checkpoints, run dir, CLI errors, learning."""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import Tensor, nn
+
+from m3bsr.batch import Catalogue, SequenceBatch
+from m3bsr.cli import main as cli
+from m3bsr.config import BaseModelConfig, build_config
+from m3bsr.engine import checkpoint as ckpt
+from m3bsr.engine.evaluate import evaluate_run
+from m3bsr.engine.train import NonFiniteLoss, resume, train
+from m3bsr.models import registry
+from m3bsr.models.base import SequentialRecommender
+
+
+class TinyConfig(BaseModelConfig):
+    name: Literal["tiny"] = "tiny"
+    hidden_size: int = 16
+    dropout: float = 0.3
+    poison: bool = False  # makes the loss NaN (tests the non-finite guard)
+
+
+class TinyRec(SequentialRecommender):
+    """Causal mean of item embeddings of the target history (time < query) → dropout → linear scores."""
+
+    config_class = TinyConfig
+
+    def __init__(self, cfg: TinyConfig, catalogue: Catalogue):
+        super().__init__(cfg, catalogue)
+        self.emb = nn.Embedding(catalogue.n_items + 1, cfg.hidden_size, padding_idx=0)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out = nn.Linear(cfg.hidden_size, catalogue.n_items + 1)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def represent(self, batch: SequenceBatch) -> Tensor:
+        e = self.emb(batch.tgt_items)  # [B, L, d]
+        seen = (batch.tgt_times[:, None, :] < batch.query_times[:, :, None]) & (batch.tgt_items[:, None, :] != 0)
+        w = seen.float() / seen.sum(-1, keepdim=True).clamp(min=1)  # [B, P, L]
+        return self.drop(torch.tanh(self.proj(w @ e)))  # [B, P, d]
+
+    def output_layer(self):
+        return self.out.weight, self.out.bias
+
+    def loss(self, batch):
+        terms = super().loss(batch)
+        if self.cfg.poison:
+            terms["main"] = terms["main"] * float("nan")
+        terms["l2"] = 1e-4 * self.emb.weight.pow(2).sum()
+        return terms
+
+
+@pytest.fixture(autouse=True)
+def tiny_registered(monkeypatch):
+    monkeypatch.setitem(registry._MODELS, "tiny", f"{__name__}:TinyRec")
+
+
+def cfg_for(model="tiny", **sets):
+    base = {"train.device": "cpu", "train.batch_size": 8, "train.max_epochs": 4, "train.patience": 10,
+            "train.lr": 0.01, "data.max_len": 10, "eval.item_chunk": 16}
+    base.update(sets)
+    return build_config({}, model=model, overrides=[f"{k}={v}" for k, v in base.items()])
+
+
+def test_run_dir_contents_and_evaluate_run(tiny_prepared, tmp_path):
+    run = tmp_path / "run"
+    m = train(cfg_for(), tiny_prepared, run, quiet=True)
+    for name in ("config.yaml", "metrics.jsonl", "metrics.json", "best.pt", "last.pt", "curves.png",
+                 "train.log", "test_ranks.parquet"):
+        assert (run / name).is_file(), name
+    assert set(m) >= {"valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed"}
+    assert m["epochs"] == 4 and 1 <= m["best_epoch"] <= 4
+    for split in ("valid", "test"):
+        assert set(m[split]) == {"sampled", "full"}
+        assert list(m[split]["full"]) == ["HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR"]
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+    assert set(lines[0]["loss"]) == {"main", "l2", "total"} and lines[0]["targets_per_second"] > 0
+    # best epoch = argmax of the monitored valid metric; metrics.json valid = that epoch's record
+    values = [r["valid"]["full"]["NDCG@10"] for r in lines]
+    assert m["best_epoch"] == int(np.argmax(values)) + 1
+    assert m["valid"] == lines[m["best_epoch"] - 1]["valid"]
+    assert json.loads((run / "metrics.json").read_text()) == m
+    # test ranks: per-user, 1-based, consistent with the test metrics
+    ranks = pd.read_parquet(run / "test_ranks.parquet")
+    assert list(ranks.columns) == ["user", "rank_sampled", "rank_full"] and len(ranks) == 40
+    assert ranks["rank_full"].min() >= 1
+    assert m["test"]["full"]["HR@10"] == pytest.approx((ranks["rank_full"] <= 10).mean())
+    # checkpoints load with weights_only and re-evaluation reproduces metrics.json exactly
+    torch.load(run / "best.pt", weights_only=True)
+    again = evaluate_run(run)
+    assert again["valid"] == m["valid"] and again["test"] == m["test"]
+    assert cli(["evaluate", str(run)]) == 0
+
+
+def test_resume_equals_uninterrupted(tiny_prepared, tmp_path):
+    straight = train(cfg_for(), tiny_prepared, tmp_path / "a", quiet=True)
+    train(cfg_for(**{"train.max_epochs": 2}), tiny_prepared, tmp_path / "b", quiet=True)
+    resumed = resume(tmp_path / "b", ["train.max_epochs=4"], quiet=True)
+    for key in ("valid", "test", "best_epoch", "epochs"):
+        assert resumed[key] == straight[key], key
+    a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_same_seed_identical_different_seed_differs(tiny_prepared, tmp_path):
+    short = {"train.max_epochs": 2}
+    one = train(cfg_for(**short), tiny_prepared, tmp_path / "a", quiet=True)
+    two = train(cfg_for(**short), tiny_prepared, tmp_path / "b", quiet=True)
+    other = train(cfg_for(seed=1, **short), tiny_prepared, tmp_path / "c", quiet=True)
+    assert one["valid"] == two["valid"] and one["test"] == two["test"]
+    assert one["valid"] != other["valid"]
+
+
+def test_learning_beats_popularity(tiny_prepared, tmp_path):
+    """Users of the tiny dataset favor one block of the catalogue; a learned model must exploit it."""
+    pop = train(cfg_for("pop", **{"train.max_epochs": 1}), tiny_prepared, tmp_path / "pop", quiet=True)
+    tiny = train(cfg_for(**{"train.max_epochs": 8, "train.lr": 0.05}), tiny_prepared, tmp_path / "t", quiet=True)
+    assert tiny["valid"]["full"]["NDCG@10"] > pop["valid"]["full"]["NDCG@10"] + 0.05
+
+
+def test_pop_trains_without_gradients(tiny_prepared, tmp_path):
+    m = train(cfg_for("pop", **{"train.max_epochs": 2}), tiny_prepared, tmp_path / "pop", quiet=True)
+    assert m["epochs"] == 2 and m["valid"]["sampled"]["HR@20"] > 0
+
+
+def test_early_stopping_uses_patience(tiny_prepared, tmp_path):
+    m = train(cfg_for("pop", **{"train.max_epochs": 50, "train.patience": 2}), tiny_prepared, tmp_path / "p",
+              quiet=True)
+    # pop's ranking never changes after epoch 1 → no improvement in epochs 2, 3 → stop at 3
+    assert m["best_epoch"] == 1 and m["epochs"] == 3 and m["stop_reason"] == "patience"
+
+
+def test_nonfinite_loss_stops_or_skips(tiny_prepared, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="non-finite loss.*train.nonfinite=skip"):
+        train(cfg_for(**{"model.poison": True}), tiny_prepared, tmp_path / "stop", quiet=True)
+    m = train(cfg_for(**{"model.poison": True, "train.nonfinite": "skip", "train.max_epochs": 1}),
+              tiny_prepared, tmp_path / "skip", quiet=True)
+    assert m["skipped_batches"] == 6  # 45 training windows (max_len 10) / batch 8
+
+
+def test_corrupt_checkpoint_falls_back_to_previous(tiny_prepared, tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(**{"train.max_epochs": 2}), tiny_prepared, run, quiet=True)
+    good_prev = torch.load(run / "last.prev.pt", weights_only=True)
+    assert good_prev["epoch"] == 1
+    data = (run / "last.pt").read_bytes()
+    (run / "last.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.warns(UserWarning, match="previous good checkpoint"):
+        state = ckpt.load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 1
+    (run / "last.prev.pt").write_bytes(b"tampered")
+    with pytest.raises(Exception, match="no usable checkpoint"):
+        ckpt.load_checkpoint(run / "last.pt")
+
+
+def test_resume_from_fallback_checkpoint_is_still_exact(tiny_prepared, tmp_path):
+    straight = train(cfg_for(**{"train.max_epochs": 3}), tiny_prepared, tmp_path / "a", quiet=True)
+    train(cfg_for(**{"train.max_epochs": 2}), tiny_prepared, tmp_path / "b", quiet=True)
+    (tmp_path / "b" / "last.pt").write_bytes(b"garbage")  # resume must fall back to epoch 1
+    with pytest.warns(UserWarning):
+        resumed = resume(tmp_path / "b", ["train.max_epochs=3"], quiet=True)
+    assert resumed["valid"] == straight["valid"] and resumed["test"] == straight["test"]
+
+
+def test_cli_errors_are_one_line_exit_2(tiny_prepared, tmp_path, capsys):
+    args = ["train", "--dataset", str(tiny_prepared), "--model", "tiny", "--device", "cpu", "--quiet"]
+    assert cli(args + ["--set", "train.lr_typo=1", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.lr_typo" in err and "train.lr" in err
+    (tmp_path / "exists").mkdir()
+    assert cli(args + ["--out", str(tmp_path / "exists")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists" in err and "--overwrite" in err
+    assert cli(args + ["--out", str(tmp_path / "exists"), "--overwrite", "--set", "train.max_epochs=1"]) == 0
+    assert "valid full" in capsys.readouterr().out
+    assert cli(["train", "--resume", str(tmp_path / "exists"), "--seed", "3"]) == 2
+
+
+def test_cli_train_resume_and_config_roundtrip(tiny_prepared, tmp_path, capsys):
+    run = tmp_path / "r"
+    assert cli(["train", "--dataset", str(tiny_prepared), "--model", "tiny", "--device", "cpu", "--quiet",
+                "--set", "train.max_epochs=1", "--out", str(run)]) == 0
+    assert cli(["train", "--resume", str(run), "--set", "train.max_epochs=2", "--quiet"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 2
+    # a run's config.yaml is a valid --config (its dataset: key is used when --dataset is absent)
+    assert cli(["train", "--config", str(run / "config.yaml"), "--quiet", "--out", str(tmp_path / "r2")]) == 0
+    assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_progress_bars_and_log_lines(tiny_prepared, tmp_path, capsys):
+    train(cfg_for("pop", **{"train.max_epochs": 1}), tiny_prepared, tmp_path / "bars", quiet=False)
+    captured = capsys.readouterr()
+    assert "epoch 1" in captured.out and "test full" in captured.out
+    train(cfg_for(**{"train.max_epochs": 1, "train.log_every": 2}), tiny_prepared, tmp_path / "q", quiet=True)
+    out = capsys.readouterr().out
+    assert "epoch 1 step 2/6 loss" in out and "targets/s" in out
+    log = (tmp_path / "q" / "train.log").read_text()
+    assert "epoch 1 step 4/6" in log and "done: best epoch 1 of 1" in log
+
+
+def test_model_summary_command(tiny_prepared, capsys):
+    assert cli(["model-summary", "--dataset", str(tiny_prepared), "--model", "m3bsr",
+                "--set", "data.max_len=8", "--set", "model.hidden_size=16"]) == 0
+    out = capsys.readouterr().out
+    assert "total" in out and "GFLOP" in out
