@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from m3bsr.errors import input_error
+
 
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
@@ -32,11 +34,24 @@ def _umask() -> int:
     return mask
 
 
+def _temp_sibling(path: Path, directory: bool) -> Any:
+    """Create ``path``'s folder and a temporary sibling (``mkdtemp``/``mkstemp`` result). A path that
+    cannot hold output (under a regular file, read-only, full disk) is a one-line InputError naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make = tempfile.mkdtemp if directory else tempfile.mkstemp
+        return make(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        blocker = next((p for p in path.parents if p.exists()), None)
+        why = (f"{str(blocker)!r} is a file, not a folder" if blocker is not None and not blocker.is_dir()
+               else f"{e.strerror}: {e.filename}")
+        raise input_error(str(path), f"cannot write here ({why})", "Choose a writable output path") from None
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_sibling(path, directory=False)
     try:
         # mkstemp creates 0600; give the file the permissions an ordinary open() would.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -45,9 +60,12 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # e.g. disk full: the old file is untouched
+            raise input_error(str(path), f"cannot write here ({e.strerror}); the previous file is unchanged",
+                              "Free disk space or choose another output path") from None
         raise
     _fsync_dir(path.parent)
 
@@ -76,8 +94,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     only after the new one is complete.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(_temp_sibling(path, directory=True))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         yield tmp

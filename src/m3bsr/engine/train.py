@@ -11,8 +11,10 @@ Randomness: the model is initialised after :func:`m3bsr.seeding.seed_everything`
 comes from a generator derived from the seed; dropout and model noise use the global torch RNG.
 All their states go into last.pt, so a resumed run continues exactly (CPU).
 
-DDP-ready: a session carries ``rank``/``world_size`` (passed to ``iterate_batches``) and only
-``session.is_main`` writes files; wrapping the model and all-reducing metrics is what DDP would add.
+Distributed (``torchrun --nproc_per_node=N -m m3bsr train ...``, :mod:`m3bsr.engine.distributed`):
+a session carries ``rank``/``world_size``; each rank trains on its share of every GLOBAL batch of
+``train.batch_size`` windows through DDP, evaluation is sharded and gathered, and only rank 0
+(``session.is_main``) writes files. A single process never touches ``torch.distributed``.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ from tqdm import tqdm
 from m3bsr.config import Config
 from m3bsr.data.batches import WindowArrays, WindowBuilder, iterate_batches
 from m3bsr.data.prepared import PreparedDataset
+from m3bsr.engine import distributed
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
 from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, format_table
 from m3bsr.errors import InputError, input_error
 from m3bsr.models.registry import build_model
-from m3bsr.seeding import seed_everything, torch_generator
+from m3bsr.seeding import derive_seed, seed_everything, torch_generator
 
 CHECKPOINT_FORMAT = 1
 
@@ -82,6 +85,11 @@ class Session:
     log: RunLog = field(default_factory=lambda: RunLog(None))
     rank: int = 0
     world_size: int = 1
+    ddp: bool = False  # loss_fn is a DistributedDataParallel module (gradients all-reduced)
+
+    @property
+    def dist_ctx(self) -> distributed.DistContext:
+        return distributed.DistContext(self.rank, self.world_size)
 
     @property
     def is_main(self) -> bool:
@@ -102,26 +110,36 @@ def train(cfg: Config, dataset: Path, out: Path | None = None, *, overwrite: boo
           quiet: bool = False) -> dict:
     """Train ``cfg`` on the prepared ``dataset``, write the run dir ``out``; returns the metrics.json dict."""
     out = Path(out) if out is not None else default_run_dir(dataset, cfg.model.name, cfg.seed)
-    if out.exists() and not overwrite:
-        raise input_error(str(out), "run directory already exists",
-                          "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
-    session = open_session(cfg, Path(dataset), quiet=quiet)
-    attach_run(session, RunDir.create(out, cfg, dataset, overwrite=overwrite))
-    return fit(session, TrainState())
+    device = resolve_device(cfg.train.device)
+    with distributed.process_group(device) as ctx:
+        # Every rank decides before rank 0 creates the directory (else rank 1 would see it and fail).
+        if distributed.any_rank(out.exists() and not overwrite, distributed.device_for(ctx, device)):
+            raise input_error(str(out), "run directory already exists",
+                              "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+        session = open_session(cfg, Path(dataset), quiet=quiet, rank=ctx.rank, world_size=ctx.world_size,
+                               local_rank=ctx.local_rank)
+        run = RunDir.create(out, cfg, dataset, overwrite=overwrite) if session.is_main else RunDir(out)
+        distributed.barrier()
+        attach_run(session, run)
+        return fit(session, TrainState())
 
 
 def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> dict:
     """Continue ``run_dir`` from last.pt (``overrides`` e.g. ``["train.max_epochs=20"]``); returns metrics.json."""
     run = RunDir(Path(run_dir))
     cfg, dataset = run.read_config(overrides)
-    checkpoint = load_checkpoint(run.checkpoint("last"))
-    session = open_session(cfg, dataset, quiet=quiet)
-    state = restore(session, checkpoint, where=str(run.checkpoint("last")))
-    attach_run(session, run)
-    run.write_config(cfg, dataset)
-    run.write_records([r for r in run.read_records() if r["epoch"] <= state.epoch])
-    session.log(f"resumed from last.pt at epoch {state.epoch}", echo=True)
-    return fit(session, state)
+    with distributed.process_group(resolve_device(cfg.train.device)) as ctx:
+        checkpoint = load_checkpoint(run.checkpoint("last"))  # every rank reads the same last.pt
+        session = open_session(cfg, dataset, quiet=quiet, rank=ctx.rank, world_size=ctx.world_size,
+                               local_rank=ctx.local_rank)
+        state = restore(session, checkpoint, where=str(run.checkpoint("last")))
+        attach_run(session, run)
+        if session.is_main:
+            run.write_config(cfg, dataset)
+            run.write_records([r for r in run.read_records() if r["epoch"] <= state.epoch])
+        distributed.barrier()
+        session.log(f"resumed from last.pt at epoch {state.epoch}", echo=True)
+        return fit(session, state)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -136,13 +154,17 @@ def resolve_device(name: str) -> torch.device:
 # --------------------------------------------------------------------------- session set-up
 
 
-def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, world_size: int = 1) -> Session:
-    """Load data, build windows, model, optimizer and generators (writes nothing)."""
+def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, world_size: int = 1,
+                 local_rank: int = 0) -> Session:
+    """Load data, build windows, model, optimizer and generators (writes nothing).
+
+    With ``world_size > 1`` (process group open) the loss goes through DDP and CUDA means ``cuda:local_rank``."""
     names = metric_names(cfg.eval.ks)
     if cfg.train.monitor_metric not in names:
         raise input_error(f"train.monitor_metric={cfg.train.monitor_metric}", "not a computed metric",
                           f"Choose one of: {', '.join(names)}")
-    device = resolve_device(cfg.train.device)
+    ctx = distributed.DistContext(rank, world_size, local_rank)
+    device = distributed.device_for(ctx, resolve_device(cfg.train.device))
     ds = PreparedDataset.load(dataset)
     builder = WindowBuilder(ds, cfg.data.max_len)
     seed_everything(cfg.seed)
@@ -150,17 +172,18 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
                  if params else None)  # e.g. pop: buffers only
+    loss_fn = distributed.wrap(model, ctx, device)  # model.loss unless DDP has gradients to all-reduce
     return Session(cfg=cfg, dataset=Path(dataset), ds=ds, builder=builder, model=model,
-                   loss_fn=torch.compile(model.loss) if cfg.train.compile else model.loss,
+                   loss_fn=torch.compile(loss_fn) if cfg.train.compile else loss_fn,
                    optimizer=optimizer, device=device, train_windows=builder.train_windows(),
                    valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
                    shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
-                   rank=rank, world_size=world_size)
+                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module))
 
 
 def attach_run(session: Session, run: RunDir) -> None:
     session.run = run
-    session.log = RunLog(run.log_file if session.is_main else None)
+    session.log = RunLog(run.log_file) if session.is_main else (lambda message, echo=False: None)
 
 
 def rng_states(session: Session) -> dict[str, Any]:
@@ -194,8 +217,9 @@ def fit(s: Session, state: TrainState) -> dict:
         state.epoch += 1
         stats = train_epoch(s, state)
         t0 = time.perf_counter()
-        valid, _ = evaluate(s.model, s.valid_windows, s.cfg.eval, s.cfg.train.eval_batch_size, s.device,
-                            amp=s.cfg.train.amp)
+        valid, _ = distributed.evaluate_sharded(evaluate, s.model, s.valid_windows, s.dist_ctx, cfg=s.cfg.eval,
+                                                batch_size=s.cfg.train.eval_batch_size, device=s.device,
+                                                amp=s.cfg.train.amp)
         stats["eval_seconds"] = time.perf_counter() - t0
         improved = update_best(s.cfg, state, valid)
         save_checkpoints(s, state, improved)
@@ -213,16 +237,25 @@ def train_epoch(s: Session, state: TrainState) -> dict[str, Any]:
     sums: dict[str, float] = defaultdict(float)
     n_targets = skipped = 0
     batch_size = s.cfg.train.batch_size
-    total_steps = math.ceil(len(s.train_windows) / (batch_size * s.world_size))
-    batches = iterate_batches(s.train_windows, batch_size, shuffle=True, generator=s.shuffle_gen,
-                              pin_memory=s.cuda, rank=s.rank, world_size=s.world_size)
-    bar = tqdm(batches, total=total_steps, desc=f"epoch {state.epoch}", leave=False, disable=s.quiet,
-               dynamic_ncols=True)
+    total_steps = math.ceil(len(s.train_windows) / batch_size)  # global batches: the same on every rank
+    if s.world_size > 1:
+        # Dropout/noise: an independent stream per rank and epoch (an exact resume needs no per-rank state).
+        torch.manual_seed(derive_seed(s.cfg.seed, f"torch-global/epoch{state.epoch}/rank{s.rank}"))
+        buffers = distributed.persistent_buffers(s.model)
+        batches = distributed.shard_batches(s.train_windows, batch_size, generator=s.shuffle_gen, rank=s.rank,
+                                            world_size=s.world_size, pin_memory=s.cuda)
+    else:
+        batches = ((b, True) for b in iterate_batches(s.train_windows, batch_size, shuffle=True,
+                                                      generator=s.shuffle_gen, pin_memory=s.cuda))
+    bar = tqdm(batches, total=total_steps, desc=f"epoch {state.epoch}", leave=False,
+               disable=s.quiet or not s.is_main, dynamic_ncols=True)
     t0 = time.perf_counter()
-    for step, batch in enumerate(bar, 1):
+    for step, (batch, real) in enumerate(bar, 1):
+        if not real and not s.ddp:  # a pad window only serves DDP's all-reduce; pop has none
+            continue
         batch = batch.to(s.device, non_blocking=s.cuda)
-        n = batch.n_queries
-        terms = train_step(s, batch, state)
+        n = batch.n_queries if real else 0
+        terms = train_step(s, batch, state, n)
         if terms is None:
             skipped += 1
             continue
@@ -236,23 +269,35 @@ def train_epoch(s: Session, state: TrainState) -> dict[str, Any]:
             s.log(f"epoch {state.epoch} step {step}/{total_steps} loss {sums['total'] / n_targets:.4f} "
                   f"targets/s {rate:.0f}", echo=True)
     seconds = time.perf_counter() - t0
+    if s.world_size > 1:  # buffers (pop's counts) and the logged per-target means over all ranks
+        distributed.sum_buffer_updates(s.model, buffers)
+        names = sorted(sums)
+        *totals, n_targets = distributed.all_sum([sums[k] for k in names] + [n_targets], s.device)
+        sums = dict(zip(names, totals))
     state.skipped_batches += skipped
     return {"loss": {k: v / max(n_targets, 1) for k, v in sums.items()}, "seconds": seconds,
             "targets_per_second": n_targets / max(seconds, 1e-9), "skipped_batches": skipped}
 
 
-def train_step(s: Session, batch, state: TrainState) -> dict[str, float] | None:
-    """Forward, sum the named terms, backward, clip, Adam step. ``None`` = batch skipped (non-finite)."""
+def train_step(s: Session, batch, state: TrainState, n: int | None = None) -> dict[str, float] | None:
+    """Forward, sum the named terms, backward, clip, Adam step. ``None`` = batch skipped (non-finite).
+
+    Under DDP the loss is scaled by ``W * n / N`` (``n`` = this rank's queries, 0 for a pad window)
+    so the all-reduced gradient is that of the global batch's per-query mean."""
     with s.autocast():
         terms = s.loss_fn(batch)
     total = sum(terms.values())
     values = {k: float(v.detach()) for k, v in terms.items()} | {"total": float(total.detach())}
-    if not math.isfinite(values["total"]):
+    finite, weight = math.isfinite(values["total"]), 1.0
+    if s.ddp:  # every rank must skip/stop on the same step, or the others wait in the all-reduce
+        weight, finite = distributed.step_weight(batch.n_queries if n is None else n, finite, s.world_size,
+                                                 s.device)
+    if not finite:
         return nonfinite(s, state, f"loss {values}")
     if s.optimizer is None or not total.requires_grad:  # e.g. pop: nothing to learn by gradient
         return values
     s.optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    (total * weight if weight != 1.0 else total).backward()
     params = [p for g in s.optimizer.param_groups for p in g["params"]]
     norm = torch.nn.utils.clip_grad_norm_(params, s.cfg.train.grad_clip or math.inf)
     if not math.isfinite(float(norm)):
@@ -314,13 +359,15 @@ def record_epoch(s: Session, state: TrainState, stats: dict[str, Any], valid: di
 
 def finish(s: Session, state: TrainState) -> dict:
     """Test once on best.pt, write test_ranks.parquet and metrics.json, print the final table."""
+    distributed.barrier()  # rank 0 has written best.pt and metrics.jsonl; every rank reads them
     best = load_checkpoint(s.run.checkpoint("best"), map_location=s.device)
     s.model.load_state_dict(best["model"])
     test = None
     if s.cfg.train.eval_test:
         windows = s.builder.eval_windows("test", s.cfg.eval.exclude)
-        test, ranks = evaluate(s.model, windows, s.cfg.eval, s.cfg.train.eval_batch_size, s.device,
-                               amp=s.cfg.train.amp)
+        test, ranks = distributed.evaluate_sharded(evaluate, s.model, windows, s.dist_ctx, cfg=s.cfg.eval,
+                                                   batch_size=s.cfg.train.eval_batch_size, device=s.device,
+                                                   amp=s.cfg.train.amp)
         if s.is_main:
             s.run.write_test_ranks(windows.users, ranks)
     records = s.run.read_records()

@@ -1,0 +1,302 @@
+"""The bad-input matrix, through the real CLI: every case exits 2 with ONE line naming the file and the
+row/column/key plus a fix, shows no traceback (``--debug`` does), and leaves no partial output.
+
+Most cases run in-process through :func:`m3bsr.cli.main` (a subprocess costs ~3 s of torch import);
+:func:`test_matrix_subprocess` runs a handful as ``python -m m3bsr`` to prove the real entry point.
+docs/reliability.md lists each case with its message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from conftest import make_tiny_prepared
+
+from m3bsr.cli import main as cli_main
+from m3bsr.errors import InputError
+
+PREPARE_CFG = {"name": "t", "events": {"path": "events.csv", "integer_ids": True},
+               "behaviors": {"target": "buy", "auxiliary": ["view"]}, "min_user_events": 2, "n_negatives": 3}
+HEADER = "user,item,behavior,timestamp\n"
+
+
+def _good_csv() -> str:
+    rows = [f"{u},{(u * 7 + k * 3) % 30 + 1},{'buy' if k % 3 == 2 else 'view'},{100 * u + k}"
+            for u in range(1, 7) for k in range(8)]
+    return HEADER + "\n".join(rows) + "\n"
+
+
+@dataclass
+class Ctx:
+    """What a case may use: a scratch folder and the module's trained runs (``pop``, ``sasrec``)."""
+
+    tmp: Path
+    runs: dict[str, Path]
+
+
+@dataclass
+class Setup:
+    argv: list[str]
+    absent: list[Path]  # outputs that must not exist afterwards (nor any ``.<name>.*.tmp`` sibling)
+    unchanged: list[Path]  # folders whose files must be byte-identical afterwards
+
+
+# --------------------------------------------------------------------------- case builders
+
+
+def _prepare(ctx: Ctx, csv: str | None = None, *sets: str, name: str = "events.csv") -> Setup:
+    src = ctx.tmp / "src"
+    src.mkdir(exist_ok=True)
+    if csv is not None:
+        (src / name).write_text(csv)
+    elif not (src / name).exists():
+        (src / name).write_text(_good_csv())
+    cfg = ctx.tmp / "prep.yaml"
+    cfg.write_text(yaml.safe_dump(PREPARE_CFG))
+    out = ctx.tmp / "prepared"
+    argv = ["prepare", str(src), "--config", str(cfg), "--out", str(out), "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    return Setup(argv, [out], [src])
+
+
+def _features(ctx: Ctx, name: str, ids: list[int], x, modality: str = "text") -> Setup:
+    src = ctx.tmp / "src"
+    src.mkdir(exist_ok=True)
+    np.save(src / name, np.asarray(x, np.float32))
+    (src / f"{name}.ids").write_text("".join(f"{i}\n" for i in ids))
+    return _prepare(ctx, None, f"features.{modality}={name}")
+
+
+def _parquet_features(ctx: Ctx, ids: list[int], rows: list[list[float]]) -> Setup:
+    src = ctx.tmp / "src"
+    src.mkdir(exist_ok=True)
+    pd.DataFrame({"item": ids, "embedding": rows}).to_parquet(src / "img.parquet")
+    return _prepare(ctx, None, "features.image=img.parquet")
+
+
+def _truncated_gzip(ctx: Ctx) -> Setup:
+    src = ctx.tmp / "src"
+    src.mkdir()
+    data = gzip.compress(_good_csv().encode() * 50)
+    (src / "events.csv.gz").write_bytes(data[: len(data) // 2])
+    return _prepare(ctx, None, "events.path=events.csv.gz")
+
+
+def _train(ctx: Ctx, *extra: str, config: dict | None = None, out_name: str = "run") -> Setup:
+    ds = ctx.runs["dataset"]
+    out = ctx.tmp / out_name
+    argv = ["train", "--dataset", str(ds), "--model", "pop", "--out", str(out), "--quiet", "--device", "cpu",
+            "--set", "train.max_epochs=1"]
+    if config is not None:
+        (ctx.tmp / "run.yaml").write_text(yaml.safe_dump(config))
+        argv += ["--config", str(ctx.tmp / "run.yaml")]
+    return Setup(argv + list(extra), [out], [ds])
+
+
+def _run_exists(ctx: Ctx) -> Setup:
+    s = _train(ctx)
+    run = s.absent.pop()
+    run.mkdir()
+    (run / "notes.txt").write_text("my results\n")
+    s.unchanged.append(run)
+    return s
+
+
+def _out_under_file(ctx: Ctx, command: str) -> Setup:
+    # Root ignores chmod, so "not writable" is made honest another way: the output's parent is a
+    # regular file, which no user can create a folder inside.
+    blocker = ctx.tmp / "a_file"
+    blocker.write_text("not a folder\n")
+    s = _train(ctx) if command == "train" else _prepare(ctx)
+    out = blocker / "x"
+    s.argv[s.argv.index("--out") + 1] = str(out)
+    s.absent = [out]
+    s.unchanged.append(ctx.tmp)  # nothing new next to a_file either
+    return s
+
+
+def _edited_run(ctx: Ctx, which: str, edit: Callable[[dict], None], command: str = "evaluate") -> Setup:
+    run = ctx.tmp / f"{which}-edited"
+    shutil.copytree(ctx.runs[which], run)
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    edit(raw)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    argv = ["evaluate", str(run), "--quiet"] if command == "evaluate" else ["train", "--resume", str(run), "--quiet"]
+    return Setup(argv, [], [run])
+
+
+def _not_an_image(ctx: Ctx) -> Setup:
+    folder = ctx.tmp / "images"
+    folder.mkdir()
+    (folder / "7.jpg").write_text("this is text, not a JPEG\n")
+    (folder / "8.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a PNG signature and nothing else
+    out = ctx.tmp / "image.npy"
+    return Setup(["features", "image", str(folder), "--out", str(out), "--quiet"], [out], [folder])
+
+
+def _set_model(name: str, **extra) -> Callable[[dict], None]:
+    def edit(raw: dict) -> None:
+        raw["model"] = {"name": name, **{k: v for k, v in raw["model"].items() if k != "name"}, **extra}
+    return edit
+
+
+# case id → (builder, fragments the one-line message must contain: where ... problem ... fix)
+CASES: dict[str, tuple[Callable[[Ctx], Setup], list[str]]] = {
+    "empty_file": (lambda c: _prepare(c, ""), ["events.csv: file is empty", "."]),
+    "header_only": (lambda c: _prepare(c, HEADER), ["events.csv", "no data rows (header only?)"]),
+    "wrong_delimiter": (lambda c: _prepare(c, HEADER.replace(",", ";") + "1;2;buy;5\n"),
+                        ["events.csv", "';'-delimited", "events.delimiter=';'"]),
+    "missing_column": (lambda c: _prepare(c, "user,item,behavior\n1,2,buy\n"),
+                       ["events.csv: missing column 'timestamp'"]),
+    "string_in_int_id": (lambda c: _prepare(c, HEADER + "1,2,buy,5\nx7,3,buy,6\n"),
+                         ["events.csv row 2: user id 'x7' is not an integer", "integer_ids=false"]),
+    "nan_timestamp": (lambda c: _prepare(c, HEADER + "1,2,buy,5\n1,3,buy,nan\n"),
+                      ["events.csv row 2: timestamp is missing or NaN"]),
+    "negative_timestamp": (lambda c: _prepare(c, HEADER + "1,2,buy,5\n1,3,buy,-5\n"),
+                           ["events.csv row 2: negative timestamp -5"]),
+    "unknown_behavior": (lambda c: _prepare(c, HEADER + "1,2,buy,5\n1,3,purchase,6\n"),
+                         ["events.csv row 2: unknown behavior 'purchase'", "behaviors.ignore"]),
+    "target_absent": (lambda c: _prepare(c, HEADER + "1,2,view,5\n1,3,view,6\n"),
+                      ["target behavior 'buy' does not occur (present: view)"]),
+    "all_users_filtered": (lambda c: _prepare(c, None, "min_user_events=1000"),
+                           ["no user left after filtering", "min_user_events=1000", "Lower the thresholds"]),
+    "features_nan": (lambda c: _features(c, "text.npy", [1, 2, 3], [[0, 1], [np.nan, 1], [1, 1]]),
+                     ["text.npy row 2: NaN/inf in the features of item '2'"]),
+    "features_inf": (lambda c: _parquet_features(c, [5, 6], [[1.0, np.inf], [0.0, 0.0]]),
+                     ["img.parquet row 1: NaN/inf"]),
+    "features_width_mismatch": (lambda c: _parquet_features(c, [5, 6], [[1.0, 2.0], [0.0]]),
+                                ["img.parquet row 2: embedding width 1, row 1 has 2"]),
+    "features_ids_rows_mismatch": (lambda c: _features(c, "text.npy", [1, 2], [[0, 1], [1, 1], [2, 2]]),
+                                   ["text.npy.ids: 2 ids but 3 rows in text.npy"]),
+    "features_duplicate_ids": (lambda c: _parquet_features(c, [4, 9, 4], [[1.0, 0.0]] * 3),
+                               ["img.parquet row 3: duplicate item id '4' (also row 1)"]),
+    "truncated_gzip": (_truncated_gzip, ["events.csv.gz: cannot decompress/read"]),
+    "prepare_unknown_key": (lambda c: _prepare(c, None, "min_user_event=3"),
+                            ["unknown prepare key 'min_user_event'", "Did you mean min_user_events"]),
+    "not_an_image": (_not_an_image, ["images", "none of the 2 image files could be decoded"]),
+    "config_unknown_key": (lambda c: _train(c, config={"train": {"lrr": 0.1}}),
+                           ["run.yaml", "unknown config key 'train.lrr'", "Did you mean train.lr"]),
+    "config_wrong_type": (lambda c: _train(c, config={"train": {"lr": "fast"}}),
+                          ["run.yaml", "config key 'train.lr'", "'fast'", "Fix the value"]),
+    "set_unknown_key": (lambda c: _train(c, "--set", "train.epochs=3"),
+                        ["--set", "unknown config key 'train.epochs'", "Did you mean"]),
+    "run_dir_exists": (_run_exists, ["run: run directory already exists", "--overwrite", "--resume"]),
+    "train_out_under_file": (lambda c: _out_under_file(c, "train"),
+                             ["a_file/x: cannot write here ('", "a_file' is a file, not a folder",
+                              "Choose a writable output path"]),
+    "prepare_out_under_file": (lambda c: _out_under_file(c, "prepare"),
+                               ["a_file/x: cannot write here", "is a file, not a folder"]),
+    "evaluate_other_model": (lambda c: _edited_run(c, "pop", _set_model("sasrec")),
+                             ["pop-edited/best.pt: the checkpoint is of model 'pop' but the run's config.yaml "
+                              "says 'sasrec'",
+                              "Restore"]),
+    "evaluate_other_hidden_size": (lambda c: _edited_run(c, "sasrec", _set_model("sasrec", hidden_size=16)),
+                                   ["sasrec-edited/best.pt: the weights do not fit model 'sasrec'",
+                                    "model.hidden_size=8 (config.yaml: 16)", "re-train"]),
+    "resume_other_hidden_size": (lambda c: _edited_run(c, "sasrec", _set_model("sasrec", hidden_size=16), "train"),
+                                 ["sasrec-edited/last.pt: the weights do not fit",
+                                  "model.hidden_size=8 (config.yaml: 16)"]),
+}
+
+SUBPROCESS_CASES = ["empty_file", "config_unknown_key", "run_dir_exists",
+                    "train_out_under_file", "evaluate_other_hidden_size"]
+
+
+# --------------------------------------------------------------------------- fixtures and checks
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    """A tiny prepared dataset and two finished one-epoch runs on it (pop; sasrec with hidden size 8)."""
+    root = tmp_path_factory.mktemp("trained")
+    ds = make_tiny_prepared(root / "ds", n_users=20, n_items=30)
+    runs = {"dataset": ds}
+    for model, sets in (("pop", []), ("sasrec", ["model.hidden_size=8", "model.n_layers=1"])):
+        argv = ["train", "--dataset", str(ds), "--model", model, "--out", str(root / model), "--quiet",
+                "--device", "cpu", "--set", "train.max_epochs=1"]
+        for s in sets:
+            argv += ["--set", s]
+        assert cli_main(argv) == 0
+        runs[model] = root / model
+    return runs
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _check(setup: Setup, before: dict[Path, dict], rc: int, err: str, fragments: list[str]) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert rc == 2, err
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("m3bsr: error: ") and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in line, f"{fragment!r} not in {line!r}"
+    assert ". " in line.removeprefix("m3bsr: error: "), f"no fix sentence: {line!r}"
+    _check_no_output(setup, before)
+    return line
+
+
+def _check_no_output(setup: Setup, before: dict[Path, dict]) -> None:
+    """No output, no ``.<name>.*.tmp`` sibling, inputs (and run dirs) byte-identical."""
+    for out in setup.absent:
+        assert not out.exists(), out
+        if out.parent.is_dir():
+            leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+            assert not leftovers, leftovers
+    for folder, snap in before.items():
+        assert _snapshot(folder) == snap, f"{folder} was modified"
+
+
+def _setup(case: str, tmp_path: Path, trained) -> tuple[Setup, list[str], dict[Path, dict]]:
+    build, fragments = CASES[case]
+    setup = build(Ctx(tmp_path, trained))
+    return setup, fragments, {folder: _snapshot(folder) for folder in setup.unchanged}
+
+
+def test_matrix_size():
+    assert len(CASES) >= 20
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matrix_in_process(case, tmp_path, trained, capsys):
+    setup, fragments, before = _setup(case, tmp_path, trained)
+    rc = cli_main(setup.argv)
+    _check(setup, before, rc, capsys.readouterr().err, fragments)
+    # --debug: the same error escapes with its traceback (cli.main re-raises), still no partial output
+    with pytest.raises(InputError):
+        cli_main(setup.argv + ["--debug"])
+    _check_no_output(setup, before)
+
+
+@pytest.mark.parametrize("case", SUBPROCESS_CASES)
+def test_matrix_subprocess(case, tmp_path, trained):
+    setup, fragments, before = _setup(case, tmp_path, trained)
+    proc = subprocess.run([sys.executable, "-m", "m3bsr", *setup.argv], capture_output=True, text=True,
+                          timeout=120)
+    _check(setup, before, proc.returncode, proc.stderr, fragments)
+
+
+def test_debug_shows_traceback_subprocess(tmp_path, trained):
+    setup, fragments, before = _setup("string_in_int_id", tmp_path, trained)
+    proc = subprocess.run([sys.executable, "-m", "m3bsr", *setup.argv, "--debug"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("m3bsr.errors.InputError: ") and fragments[0] in last, last
+    _check_no_output(setup, before)
