@@ -1,0 +1,345 @@
+"""``m3bsr compare``: train every model x seed on one prepared split, then tabulate, plot and test.
+
+Layout of ``OUT`` (every file written atomically)::
+
+    OUT/runs/<model>-s<seed>/   one engine run directory each (finished ones are reused, so an
+                                interrupted compare continues; an unfinished one resumes from last.pt)
+    OUT/results.csv             one row per model x seed x split x protocol: model, seed, split,
+                                protocol, HR@K/NDCG@K for each K, MRR, best_epoch, epochs, seconds_per_epoch
+    OUT/results.md              mean ± std over seeds per metric and protocol (best in bold), the
+                                relative gain of the reference over the best baseline, significance
+    OUT/results.png             grouped bars of the test metrics, both protocols
+    OUT/significance.json       the paired tests (see :func:`significance`)
+
+Fairness: every model gets the same split, ``train`` section (max epochs, early stopping, batch size),
+``data.max_len`` and ``model.hidden_size``; other ``model.*`` keys (from ``--config`` or ``--set``)
+go to the models whose config has them, and a config may add per-model keys under
+``models: {<name>: {...}}``. The reference is ``m3bsr`` when listed, else the first model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from m3bsr import atomic
+from m3bsr.config import Config, build_config, parse_override
+from m3bsr.engine.metrics import metric_names
+from m3bsr.errors import input_error
+from m3bsr.models.registry import model_config_class, model_names
+
+SPLITS = ("valid", "test")
+PROTOCOLS = ("sampled", "full")
+FORCED = ["train.eval_test=true"]  # compare needs the test metrics of every run
+
+
+# --------------------------------------------------------------------------- flags and configs
+
+
+def parse_models(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    known = model_names()
+    bad = [n for n in names if n not in known]
+    if not names or bad:
+        raise input_error(f"--models {text!r}", f"unknown model {bad[0]!r}" if bad else "no model given",
+                          f"Choose from: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise input_error(f"--models {text!r}", "a model is listed twice", "List each model once")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise input_error(f"--seeds {text!r}", "seeds must be integers", "Write e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise input_error(f"--seeds {text!r}", "need distinct seeds", "Write e.g. --seeds 0,1,2")
+    return seeds
+
+
+def read_raw_config(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise input_error(str(path), "file not found", "Check the --config path") from None
+    except yaml.YAMLError:
+        raise input_error(str(path), "not valid YAML", "Fix the syntax") from None
+    if not isinstance(raw, dict):
+        raise input_error(str(path), "the config must be a mapping of sections", "See docs/config.md")
+    return raw
+
+
+def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[str],
+                  source: str = "config") -> dict[str, Config]:
+    """One :class:`Config` per model for ``seed`` (see the module docstring for how keys are shared)."""
+    raw = copy.deepcopy(raw)
+    per_model = raw.pop("models", None) or {}
+    shared_model = {k: v for k, v in (raw.pop("model", None) or {}).items() if k != "name"}
+    fields = {m: set(model_config_class(m).model_fields) for m in models}
+    for name in per_model:
+        if name not in models:
+            raise input_error(f"{source}: models.{name}", "not among --models", "Remove it or add it to --models")
+        if "hidden_size" in (per_model[name] or {}):
+            raise input_error(f"{source}: models.{name}.hidden_size", "the hidden size is shared by every model",
+                              "Set model.hidden_size instead")
+    model_sets, other_sets, hidden = [], [], shared_model.get("hidden_size")
+    for text in sets:
+        path, value = parse_override(text)
+        if path[0] == "seed":
+            raise input_error(f"--set {text}", "compare sets the seed of each run", "Use --seeds")
+        if path[0] == "model" and len(path) > 1:
+            model_sets.append((path[1], text))
+            hidden = value if path[1] == "hidden_size" else hidden
+        else:
+            other_sets.append(text)
+    for key in list(shared_model) + [k for k, _ in model_sets]:
+        if not any(key in f for f in fields.values()):
+            raise input_error(f"{source} / --set: model.{key}", "no listed model has this key",
+                              "Check the spelling (see `m3bsr train --help`)")
+    ref = reference_model(models)
+    hidden = hidden if hidden is not None else model_config_class(ref).model_fields["hidden_size"].default
+    out = {}
+    for m in models:
+        model_raw = {k: v for k, v in shared_model.items() if k in fields[m]}
+        model_raw.update(per_model.get(m) or {})
+        mine = [t for key, t in model_sets if key in fields[m] and key != "hidden_size"]
+        overrides = other_sets + mine + [f"model.hidden_size={hidden}", f"seed={seed}"] + FORCED
+        out[m] = build_config({**raw, "model": model_raw}, model=m, overrides=overrides, source=source)
+    return out
+
+
+def reference_model(models: list[str]) -> str:
+    """The model whose gain over the best baseline is reported: m3bsr if listed, else the first."""
+    return "m3bsr" if "m3bsr" in models else models[0]
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, quiet: bool) -> dict:
+    from m3bsr.engine.train import train
+
+    return train(cfg, dataset, out, overwrite=overwrite, quiet=quiet)
+
+
+def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
+    from m3bsr.engine.train import resume
+
+    return resume(run_dir, quiet=quiet)
+
+
+def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
+            train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
+            log: Callable[[str], None] = print) -> dict:
+    """Train one run, reuse it when finished with the same config, or resume it from last.pt."""
+    if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
+        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+        stored_dataset = stored.pop("dataset", None)
+        if stored != cfg.to_dict() or stored_dataset != str(Path(dataset).resolve()):
+            raise input_error(str(run_dir), "was trained with a different config or dataset",
+                              "Pass --overwrite to retrain, or choose another --out")
+        metrics = run_dir / "metrics.json"
+        if metrics.is_file() and (run_dir / "test_ranks.parquet").is_file():
+            summary = json.loads(metrics.read_text())
+            if summary.get("test"):
+                log(f"{run_dir.name}: finished, reused")
+                return summary
+        if (run_dir / "last.pt").is_file():
+            log(f"{run_dir.name}: unfinished, resuming from last.pt")
+            return resume_fn(run_dir, quiet=quiet)
+    log(f"{run_dir.name}: training")
+    return train_fn(cfg, dataset, run_dir, overwrite=True, quiet=quiet)
+
+
+def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path, raw: dict[str, Any] | None = None,
+                sets: list[str] = (), overwrite: bool = False, quiet: bool = False, source: str = "config",
+                train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
+                log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Every model x seed, then the report files; returns the results table (see :func:`results_table`)."""
+    dataset, out = Path(dataset), Path(out)
+    if not (dataset / "manifest.json").is_file():
+        raise input_error(str(dataset), "not a prepared dataset (no manifest.json)",
+                          "Run `m3bsr prepare SOURCE --out DIR` first")
+    configs = {s: model_configs(raw or {}, models, s, list(sets), source) for s in seeds}  # validate all first
+    summaries = {}
+    for s in seeds:
+        for m in models:
+            run_dir = out / "runs" / f"{m}-s{s}"
+            summaries[m, s] = run_one(configs[s][m], dataset, run_dir, overwrite=overwrite, quiet=quiet,
+                                      train_fn=train_fn, resume_fn=resume_fn, log=log)
+    ks = configs[seeds[0]][models[0]].eval.ks
+    table = results_table(summaries, ks)
+    write_report(table, out, models, seeds, ks)
+    return table
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def results_table(summaries: dict[tuple[str, int], dict], ks: list[int]) -> pd.DataFrame:
+    """One row per (model, seed, split, protocol) with every metric and the run's timing."""
+    names = metric_names(ks)
+    rows = []
+    for (model, seed), s in summaries.items():
+        for split in SPLITS:
+            for protocol in PROTOCOLS:
+                metrics = (s.get(split) or {}).get(protocol) or {}
+                rows.append({"model": model, "seed": seed, "split": split, "protocol": protocol,
+                             **{n: metrics.get(n, np.nan) for n in names},
+                             "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs"),
+                             "seconds_per_epoch": s.get("seconds_per_epoch")})
+    return pd.DataFrame(rows, columns=["model", "seed", "split", "protocol", *names, "best_epoch", "epochs",
+                                       "seconds_per_epoch"])
+
+
+def mean_std(table: pd.DataFrame, ks: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Mean and sample std (0 for one seed) over seeds, indexed by (split, protocol, model)."""
+    g = table.groupby(["split", "protocol", "model"], sort=False)[metric_names(ks)]
+    return g.mean().sort_index(), g.std(ddof=1).fillna(0.0).sort_index()
+
+
+def user_ndcg(ranks: pd.DataFrame, protocol: str, k: int = 10) -> pd.Series:
+    """Per-user NDCG@k from a test_ranks table (mean over a user's rows). Index: user."""
+    r = ranks[f"rank_{protocol}"].to_numpy(np.float64)
+    gain = np.where(r <= k, 1.0 / np.log2(r + 1.0), 0.0)
+    return pd.Series(gain, index=ranks["user"].to_numpy()).groupby(level=0).mean()
+
+
+def pooled_user_ndcg(out: Path, model: str, seeds: list[int], protocol: str) -> pd.Series:
+    """Per-user test NDCG@10 averaged over seeds (users present in every seed)."""
+    per_seed = [user_ndcg(pd.read_parquet(out / "runs" / f"{model}-s{s}" / "test_ranks.parquet"), protocol)
+                for s in seeds]
+    return pd.concat(per_seed, axis=1, join="inner").mean(axis=1)
+
+
+def significance(out: Path, reference: str, baseline: str, seeds: list[int], protocol: str) -> dict[str, Any]:
+    """Paired two-sided tests of ``reference`` vs ``baseline`` on per-user test NDCG@10 pooled over seeds:
+    Wilcoxon signed-rank (zero differences dropped) and paired t-test (scipy)."""
+    from scipy import stats
+
+    a = pooled_user_ndcg(out, reference, seeds, protocol)
+    b = pooled_user_ndcg(out, baseline, seeds, protocol)
+    a, b = a.align(b, join="inner")
+    diff = (a - b).to_numpy()
+    result = {"protocol": protocol, "metric": "NDCG@10", "reference": reference, "baseline": baseline,
+              "users": int(len(diff)), "mean_reference": float(a.mean()), "mean_baseline": float(b.mean()),
+              "mean_difference": float(diff.mean()) if len(diff) else float("nan"),
+              "nonzero_differences": int((diff != 0).sum())}
+    if (diff != 0).sum() == 0:  # identical per-user results: no evidence of a difference
+        return {**result, "wilcoxon_p": 1.0, "ttest_p": 1.0}
+    return {**result, "wilcoxon_p": float(stats.wilcoxon(a, b).pvalue),
+            "ttest_p": float(stats.ttest_rel(a, b).pvalue) if len(diff) > 1 else float("nan")}
+
+
+def best_baseline(mean: pd.DataFrame, reference: str, protocol: str, metric: str = "NDCG@10") -> str | None:
+    """The non-reference model with the highest mean test ``metric`` under ``protocol``."""
+    col = mean.loc[("test", protocol), metric].drop(reference, errors="ignore")
+    return None if col.empty else str(col.idxmax())
+
+
+# --------------------------------------------------------------------------- report files
+
+
+def markdown(table: pd.DataFrame, sig: list[dict[str, Any]], models: list[str], seeds: list[int],
+             ks: list[int]) -> str:
+    """results.md: one table per split and protocol (mean ± std, best in bold), gains, significance."""
+    mean, std = mean_std(table, ks)
+    names = metric_names(ks)
+    ref = reference_model(models)
+    lines = [f"# Comparison: {', '.join(models)} (seeds {', '.join(map(str, seeds))})", "",
+             "Mean ± sample std over seeds. **Bold** = best model per column. Reference model: "
+             f"`{ref}`. `sampled` = positive + stored negatives; `full` = whole catalogue.", ""]
+    for split in ("test", "valid"):
+        for protocol in PROTOCOLS:
+            m, s = mean.loc[(split, protocol)], std.loc[(split, protocol)]
+            lines += [f"## {split}, {protocol} protocol", "", "| model | " + " | ".join(names) + " |",
+                      "|---|" + "---|" * len(names)]
+            for model in models:
+                cells = []
+                for n in names:
+                    cell = f"{m.loc[model, n]:.4f} ± {s.loc[model, n]:.4f}"
+                    cells.append(f"**{cell}**" if m.loc[model, n] == m[n].max() else cell)
+                lines.append(f"| {model} | " + " | ".join(cells) + " |")
+            others = [x for x in models if x != ref]
+            if split == "test" and others:
+                gains = []
+                for n in names:
+                    best = m.loc[others, n].max()
+                    gains.append(f"{100 * (m.loc[ref, n] - best) / best:+.1f} %" if best > 0 else "n/a")
+                lines.append(f"| gain of {ref} over best baseline | " + " | ".join(gains) + " |")
+            lines.append("")
+    if sig:
+        lines += ["## Significance (test, per-user NDCG@10, averaged over seeds per user)", "",
+                  "| protocol | reference | best baseline | users | mean diff | Wilcoxon p | paired t p |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in sig:
+            lines.append(f"| {r['protocol']} | {r['reference']} | {r['baseline']} | {r['users']} | "
+                         f"{r['mean_difference']:+.4f} | {r['wilcoxon_p']:.3g} | {r['ttest_p']:.3g} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(table: pd.DataFrame, models: list[str], ks: list[int]) -> bytes:
+    """results.png: test HR@K/NDCG@K per model (bars, std as error bars), one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean, std = mean_std(table, ks)
+    names = [n for n in metric_names(ks) if n != "MRR"]
+    fig, axes = plt.subplots(2, 1, figsize=(max(7.0, 0.2 * len(names) * len(models) + 2), 7), sharey=True)
+    width = 0.8 / len(models)
+    x = np.arange(len(names))
+    for ax, protocol in zip(axes, PROTOCOLS):
+        for i, model in enumerate(models):
+            ax.bar(x + i * width, mean.loc[("test", protocol, model), names], width,
+                   yerr=std.loc[("test", protocol, model), names], capsize=2, label=model)
+        ax.set_xticks(x + 0.4 - width / 2, names, rotation=30)
+        ax.set_title(f"test, {protocol}")
+        ax.set_ylabel("mean over seeds (± std)")
+    axes[0].legend(fontsize=8, ncol=min(len(models), 4))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_report(table: pd.DataFrame, out: Path, models: list[str], seeds: list[int], ks: list[int]) -> None:
+    """results.csv, significance.json, results.md and results.png under ``out``."""
+    mean, _ = mean_std(table, ks)
+    ref = reference_model(models)
+    sig = []
+    for protocol in PROTOCOLS:
+        base = best_baseline(mean, ref, protocol)
+        if base is not None:
+            sig.append(significance(out, ref, base, seeds, protocol))
+    atomic.write_text(out / "results.csv", table.to_csv(index=False, float_format="%.6g"))
+    atomic.write_json(out / "significance.json", sig)
+    atomic.write_text(out / "results.md", markdown(table, sig, models, seeds, ks))
+    atomic.write_bytes(out / "results.png", plot(table, models, ks))
+
+
+def main(args: argparse.Namespace) -> int:
+    """The ``compare`` command: flags → :func:`run_compare`; prints the test tables."""
+    models, seeds = parse_models(args.models), parse_seeds(args.seeds)
+    raw = read_raw_config(Path(args.config) if args.config else None)
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"compare: {msg}", flush=True))
+    run_compare(args.dataset, models, seeds, out=args.out, raw=raw, sets=args.sets, overwrite=args.overwrite,
+                quiet=args.quiet, source=args.config or "config", log=log)
+    print(f"wrote {args.out / 'results.csv'}, results.md, results.png, significance.json")
+    if not args.quiet:
+        print((args.out / "results.md").read_text())
+    return 0

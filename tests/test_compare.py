@@ -1,0 +1,176 @@
+"""``m3bsr compare``: config sharing, run reuse/resume, the aggregated report (on fake runs with
+hand-known metrics) and one end-to-end run through the real engine on a tiny dataset."""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats
+
+from conftest import make_tiny_prepared
+from m3bsr import compare
+from m3bsr.cli import main as cli_main
+from m3bsr.engine.metrics import metric_names, metrics_from_ranks
+from m3bsr.errors import InputError
+
+KS = [5, 10, 20]
+N_USERS = 30
+
+
+def fake_ranks(model: str, seed: int) -> np.ndarray:
+    """Deterministic per-user test ranks: 'm3bsr' ranks most users higher than the others."""
+    rng = np.random.default_rng(zlib.crc32(f"{model}-{seed}".encode()))
+    base = {"m3bsr": 2, "sasrec": 6, "pop": 30}[model]
+    return np.maximum(1, base + rng.integers(-1, 4, N_USERS))
+
+
+class FakeEngine:
+    """Stands in for ``engine.train``: writes config.yaml, metrics.json and test_ranks.parquet like it."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def __call__(self, cfg, dataset, out, *, overwrite, quiet):
+        self.calls.append(out.name)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()), **cfg.to_dict()}))
+        ranks = fake_ranks(cfg.model.name, cfg.seed)
+        test = {"sampled": metrics_from_ranks(ranks, KS), "full": metrics_from_ranks(ranks + 3, KS)}
+        summary = {"valid": test, "test": test, "best_epoch": 1, "epochs": 2, "seconds_per_epoch": 0.5,
+                   "seed": cfg.seed}
+        pd.DataFrame({"user": np.arange(1, N_USERS + 1), "rank_sampled": ranks, "rank_full": ranks + 3}).to_parquet(
+            out / "test_ranks.parquet")
+        (out / "metrics.json").write_text(json.dumps(summary))
+        return summary
+
+
+@pytest.fixture
+def fake_run(tmp_path):
+    data = make_tiny_prepared(tmp_path / "data", n_users=12)
+    engine = FakeEngine()
+
+    def run(**kw):
+        kw = {"models": ["sasrec", "m3bsr", "pop"], "seeds": [0, 1], "out": tmp_path / "cmp", **kw}
+        return compare.run_compare(data, train_fn=engine, log=lambda m: None, **kw)
+    return run, engine, tmp_path / "cmp"
+
+
+def test_report_files_and_numbers(fake_run):
+    run, engine, out = fake_run
+    table = run()
+    assert len(engine.calls) == 6
+    csv = pd.read_csv(out / "results.csv")
+    assert list(csv.columns) == ["model", "seed", "split", "protocol", *metric_names(KS), "best_epoch", "epochs",
+                                 "seconds_per_epoch"]
+    assert len(csv) == 3 * 2 * 2 * 2  # models x seeds x splits x protocols
+    assert csv.groupby(["model", "split", "protocol"]).size().eq(2).all()
+    # Mean ± std of a cell, computed by hand from the ranks.
+    vals = [metrics_from_ranks(fake_ranks("sasrec", s) + 3, KS)["NDCG@10"] for s in (0, 1)]
+    md = (out / "results.md").read_text()
+    assert f"{np.mean(vals):.4f} ± {np.std(vals, ddof=1):.4f}" in md
+    # m3bsr is best on test/full NDCG@10 → bold; its gain over the best baseline (sasrec) is stated.
+    m3 = [metrics_from_ranks(fake_ranks("m3bsr", s) + 3, KS)["NDCG@10"] for s in (0, 1)]
+    assert f"**{np.mean(m3):.4f} ± {np.std(m3, ddof=1):.4f}**" in md
+    sampled = {m: np.mean([metrics_from_ranks(fake_ranks(m, s), KS)["NDCG@10"] for s in (0, 1)])
+               for m in ("m3bsr", "sasrec", "pop")}
+    assert sampled["sasrec"] > sampled["pop"] and sampled["sasrec"] > 0
+    assert f"{100 * (sampled['m3bsr'] - sampled['sasrec']) / sampled['sasrec']:+.1f} %" in md
+    assert "gain of m3bsr over best baseline" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert table.shape[0] == 24
+
+
+def test_significance_matches_scipy(fake_run):
+    run, _, out = fake_run
+    run()
+    sig = json.loads((out / "significance.json").read_text())
+    assert [s["protocol"] for s in sig] == ["sampled", "full"]
+    assert all(s["reference"] == "m3bsr" and s["baseline"] == "sasrec" for s in sig)
+
+    def ndcg(model):  # per user, averaged over the two seeds
+        r = np.stack([fake_ranks(model, s) for s in (0, 1)]).astype(float)
+        return np.where(r <= 10, 1 / np.log2(r + 1), 0).mean(0)
+    a, b = ndcg("m3bsr"), ndcg("sasrec")
+    assert sig[0]["users"] == N_USERS
+    assert sig[0]["wilcoxon_p"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    assert sig[0]["ttest_p"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert sig[0]["mean_difference"] == pytest.approx((a - b).mean())
+    assert sig[0]["wilcoxon_p"] < 0.01  # m3bsr's fake ranks are clearly better
+
+
+def test_finished_runs_are_reused_and_config_changes_refused(fake_run):
+    run, engine, out = fake_run
+    run()
+    run()
+    assert len(engine.calls) == 6  # nothing retrained
+    with pytest.raises(InputError, match="different config"):
+        run(sets=["train.lr=0.01"])
+    (out / "runs" / "pop-s1" / "metrics.json").unlink()  # an interrupted run without last.pt is retrained
+    run()
+    assert engine.calls[-1] == "pop-s1" and len(engine.calls) == 7
+    run(overwrite=True)
+    assert len(engine.calls) == 13
+
+
+def test_unfinished_run_resumes(fake_run):
+    run, engine, out = fake_run
+    run(models=["pop"], seeds=[0])
+    (out / "runs" / "pop-s0" / "metrics.json").unlink()
+    (out / "runs" / "pop-s0" / "last.pt").write_bytes(b"x")
+    resumed = []
+    with pytest.raises(RuntimeError, match="resumed"):
+        compare.run_compare(out.parent / "data", ["pop"], [0], out=out, train_fn=engine, log=lambda m: None,
+                            resume_fn=lambda d, quiet: resumed.append(d) or (_ for _ in ()).throw(RuntimeError("resumed")))
+    assert resumed == [out / "runs" / "pop-s0"]
+
+
+def test_config_sharing():
+    cfgs = compare.model_configs({"model": {"dropout": 0.3, "hidden_size": 32}, "train": {"max_epochs": 7},
+                                  "models": {"bert4rec": {"mask_prob": 0.4}}},
+                                 ["sasrec", "bert4rec", "pop"], 3, ["model.n_heads=4", "train.patience=2"])
+    assert {c.model.hidden_size for c in cfgs.values()} == {32}
+    assert all(c.seed == 3 and c.train.max_epochs == 7 and c.train.patience == 2 and c.train.eval_test
+               for c in cfgs.values())
+    assert cfgs["bert4rec"].model.mask_prob == 0.4 and cfgs["sasrec"].model.n_heads == 4
+    assert cfgs["sasrec"].model.dropout == 0.3
+    default = compare.model_configs({}, ["sasrec", "gru4rec"], 0, ["model.hidden_size=48"])
+    assert {c.model.hidden_size for c in default.values()} == {48}
+    with pytest.raises(InputError, match="no listed model has this key"):
+        compare.model_configs({}, ["sasrec"], 0, ["model.mask_prob=0.3"])
+    with pytest.raises(InputError, match="--seeds"):
+        compare.model_configs({}, ["sasrec"], 0, ["seed=4"])
+    with pytest.raises(InputError, match="shared"):
+        compare.model_configs({"models": {"sasrec": {"hidden_size": 8}}}, ["sasrec"], 0, [])
+    with pytest.raises(InputError, match="unknown model 'nope'"):
+        compare.parse_models("sasrec,nope")
+    with pytest.raises(InputError, match="integers"):
+        compare.parse_seeds("0,a")
+
+
+def test_compare_end_to_end_with_engine(tmp_path, capsys):
+    """The CLI through the real engine: three models, one seed, two epochs on a tiny dataset."""
+    data = make_tiny_prepared(tmp_path / "data", n_users=24)
+    out = tmp_path / "cmp"
+    args = ["compare", "--dataset", str(data), "--models", "sasrec,gru4rec,pop", "--seeds", "0", "--out", str(out),
+            "--set", "train.max_epochs=2", "--set", "train.device=cpu", "--set", "model.hidden_size=16",
+            "--set", "data.max_len=8", "--quiet"]
+    assert cli_main(args) == 0
+    csv = pd.read_csv(out / "results.csv")
+    test_full = csv[(csv.split == "test") & (csv.protocol == "full")]
+    assert sorted(test_full.model) == ["gru4rec", "pop", "sasrec"]  # one row per model
+    assert test_full[metric_names(KS)].notna().all().all()
+    assert (out / "results.png").is_file() and "sasrec" in (out / "results.md").read_text()
+    for m in ("sasrec", "gru4rec", "pop"):
+        metrics = json.loads((out / "runs" / f"{m}-s0" / "metrics.json").read_text())
+        assert metrics["epochs"] == 2
+        row = test_full[test_full.model == m].iloc[0]
+        assert row["NDCG@10"] == pytest.approx(metrics["test"]["full"]["NDCG@10"], abs=1e-6)
+    sig = json.loads((out / "significance.json").read_text())
+    assert sig[0]["reference"] == "sasrec" and sig[0]["users"] == 24
+    assert cli_main(args + ["--set", "train.lr=0.5"]) == 2  # same --out, different config: one-line error
+    assert "different config" in capsys.readouterr().err
