@@ -43,12 +43,50 @@ def gather_latest_before(x: Tensor, times: Tensor, query_times: Tensor, null: Te
     return torch.where(found.unsqueeze(-1), out, null.to(out.dtype).expand_as(out))
 
 
+class _MaskedScale(torch.autograd.Function):
+    """``y = x * keep * scale`` saving only the boolean ``keep`` for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x.mul(keep).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None, None
+
+
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout, the same distribution as ``F.dropout`` (p quantised to 1/65536).
+
+    Why: on CPU ``bernoulli_`` mask generation was about 1/3 of an M3BSR training step; 16-bit
+    random integers compared with a threshold are ~2x cheaper. CUDA keeps the fused kernel.
+    Draws from the global torch RNG, like ``F.dropout``.
+    """
+    if not training or p == 0.0:
+        return x
+    threshold = round(p * 65536) - 32768  # P(r < threshold) = p for r uniform on int16
+    if x.device.type != "cpu" or threshold > 32767:  # p within 2^-17 of 1 does not fit int16
+        return F.dropout(x, p, True)
+    keep = torch.randint(-32768, 32768, x.shape, dtype=torch.int16) >= threshold
+    return _MaskedScale.apply(x, keep, 1.0 / (1.0 - p))
+
+
+class FastDropout(nn.Dropout):
+    """``nn.Dropout`` with :func:`fast_dropout` (no parameters; checkpoints are unchanged)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.p, self.training)
+
+
 class FeedForward(nn.Module):
     """Position-wise ``Linear → GELU → Dropout → Linear``."""
 
     def __init__(self, d: int, dropout: float, mult: int = 4):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(d, mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(mult * d, d))
+        self.net = nn.Sequential(nn.Linear(d, mult * d), nn.GELU(), FastDropout(dropout), nn.Linear(mult * d, d))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -99,7 +137,7 @@ class TransformerBlock(nn.Module):
         self.ln1 = nn.LayerNorm(d)
         self.ffn = FeedForward(d, dropout)
         self.ln2 = nn.LayerNorm(d)
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor, kv: Tensor | None = None) -> Tensor:
         x = self.ln1(x + self.drop(self.attn(x, x if kv is None else kv, mask)))
@@ -214,7 +252,7 @@ class GroupedTransformerBlock(nn.Module):
         self.ff1 = GroupedLinear(groups, d, 4 * d)
         self.ff2 = GroupedLinear(groups, 4 * d, d)
         self.ln2 = GroupedLayerNorm(groups, d)
-        self.drop = nn.Dropout(dropout)
+        self.drop = FastDropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor, kv: Tensor | None = None) -> Tensor:
         x = self.ln1(x + self.drop(self.attn(x, x if kv is None else kv, mask)))

@@ -24,6 +24,7 @@ from m3bsr.models.base import SequentialRecommender
 from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor, causal_mean_pool
+from m3bsr.models.layers import FastDropout
 
 
 class M3BSRConfig(BaseModelConfig):
@@ -123,7 +124,7 @@ class M3BSR(SequentialRecommender):
         self.pos_aux = nn.Embedding(cfg.max_positions, d)  # learned positions per behavior sequence
         self.pos_tgt = nn.Embedding(cfg.max_positions, d)
         self.behavior = nn.Embedding(catalogue.n_behaviors + 1, d, padding_idx=PAD)  # merged auxiliaries
-        self.drop = nn.Dropout(p)
+        self.drop = FastDropout(p)
         # One schedule object per distinct T, shared by all denoisers with that T (spec 3).
         self.schedules = nn.ModuleDict({str(T): NoiseSchedule(T, cfg.beta_start, cfg.beta_end)
                                         for T in sorted({cfg.T_m, cfg.T_b})})

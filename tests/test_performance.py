@@ -1,0 +1,85 @@
+"""The speed-ups of M3BSR (docs/performance.md) change no output: padding trimming, MEIE length
+buckets and the fast dropout mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import m3bsr.models.m3bsr as m3bsr_module
+from m3bsr.batch import PAD, PAD_TIME
+from m3bsr.models.layers import FastDropout, fast_dropout
+
+from test_m3bsr import CONFIGS, make_batch, make_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _pad_wider(batch, extra: int):
+    """The same windows with ``extra`` more padding columns in both streams."""
+    wide = {}
+    for name, value in (("aux_items", PAD), ("aux_behaviors", PAD), ("aux_times", PAD_TIME),
+                        ("tgt_items", PAD), ("tgt_times", PAD_TIME)):
+        wide[name] = F.pad(getattr(batch, name), (0, extra), value=value)
+    return type(batch)(**{**{k: getattr(batch, k) for k in ("users", "query_times", "labels")}, **wide})
+
+
+@pytest.mark.parametrize("overrides", CONFIGS[:4], ids=lambda o: ",".join(x.split(".")[1] for x in o) or "default")
+def test_trimming_and_buckets_leave_representations_unchanged(overrides, monkeypatch):
+    """Reference: no trimming, one bucket, windows 7 columns wider than needed. The fast path
+    (trimmed, 4 length buckets of >= 16 windows) must give the same representation of every query."""
+    batch = make_batch(B=70, L=12, seed=5)
+    lengths = torch.maximum((batch.aux_times < PAD_TIME).sum(1), (batch.tgt_times < PAD_TIME).sum(1))
+    assert lengths.min() < lengths.max()  # the buckets really differ in length
+    fast = make_model(*overrides, "model.length_buckets=4").eval()
+    slow = make_model(*overrides, "model.length_buckets=1").eval()
+    slow.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        got = fast.represent(batch)
+        monkeypatch.setattr(m3bsr_module, "trim_padding", lambda b: b)
+        want = slow.represent(_pad_wider(batch, 7))
+    mask = batch.query_mask
+    assert torch.allclose(got[mask], want[mask], atol=1e-5, rtol=1e-4)
+
+
+def test_buckets_keep_training_loss_terms_and_gradients():
+    """In training mode (dropout off, so both paths are deterministic apart from the diffusion
+    noise, which is seeded) the loss terms and gradients of the bucketed path match one bucket."""
+    batch = make_batch(B=64, L=10, seed=6)
+    fast = make_model("model.length_buckets=4", "model.dropout=0.0").train()
+    slow = make_model("model.length_buckets=1", "model.dropout=0.0").train()
+    slow.load_state_dict(fast.state_dict())
+    results = []
+    for model in (fast, slow):
+        torch.manual_seed(1)
+        terms = model.loss(batch)
+        sum(terms.values()).backward()
+        results.append(({k: float(v.detach()) for k, v in terms.items()},
+                        torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (t1, g1), (t2, g2) = results
+    assert t1.keys() == t2.keys()
+    for k in t1:
+        assert t1[k] == pytest.approx(t2[k], rel=1e-4, abs=1e-6)
+    assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-3)
+
+
+def test_fast_dropout_rate_scale_and_gradient():
+    torch.manual_seed(0)
+    x = torch.ones(400_000, requires_grad=True)
+    y = fast_dropout(x, 0.2, True)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.2) < 0.005  # binomial sd ~ 0.0006
+    assert torch.all((y == 0) | torch.isclose(y, torch.tensor(1.25)))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d y / d x = keep / (1 - p)
+    assert fast_dropout(x, 0.2, False) is x and fast_dropout(x, 0.0, True) is x
+    module = FastDropout(0.5)
+    assert isinstance(module, torch.nn.Dropout) and module.eval()(x) is x
+    assert torch.all(fast_dropout(torch.ones(1000), 0.999999, True) == 0)
