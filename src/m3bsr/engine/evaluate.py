@@ -66,27 +66,32 @@ def _positive_scores(model, reps: Tensor, labels: Tensor, chunk: int) -> Tensor:
 
 
 def full_ranks(model, reps: Tensor, batch, chunk: int) -> Tensor:
-    """[N] pessimistic ranks of the positive over items ``1..n_items`` minus ``batch.exclude_items``."""
+    """[N] pessimistic ranks of the positive over items ``1..n_items`` minus ``batch.exclude_items``.
+
+    Padding, excluded items and the positive itself get score -inf in place, so each chunk costs
+    one matmul, one scatter and one compare-and-count.
+    """
     q_reps, labels, rows = _flatten_queries(reps, batch)  # [N, 1, d], [N], [N]
     n = len(labels)
     n_all = model.n_items + 1
     # One chunk (the usual catalogue size): the positive's score comes from the same call below.
     pos = _positive_scores(model, q_reps, labels, chunk) if n_all > chunk else None  # [N]
     exclude = batch.exclude_items[rows] if batch.exclude_items is not None else labels.new_zeros(n, 1)  # [N, X]
-    beats = torch.zeros(n, dtype=torch.long, device=reps.device)
+    exclude = torch.where(exclude == labels[:, None], 0, exclude)  # the positive is never excluded
+    exclude = torch.cat([exclude, labels[:, None]], 1)  # ... but never counts against itself
+    counts = torch.zeros(n, dtype=torch.long, device=reps.device)
     for start in range(0, n_all, chunk):
         end = min(start + chunk, n_all)
         items = torch.arange(start, end, device=reps.device)
         scores = model.score(q_reps, items=items).float()[:, 0, :]  # [N, C]
         if pos is None:
             pos = scores.gather(1, labels[:, None])[:, 0]
-        # Masked columns: padding 0, excluded items, and the positive itself; column C is a dump slot.
-        masked = torch.zeros(n, end - start + 1, dtype=torch.bool, device=reps.device)
-        for ids in (exclude, labels[:, None], labels.new_zeros(n, 1)):
-            inside = (ids >= start) & (ids < end)
-            masked.scatter_(1, torch.where(inside, ids - start, end - start), True)
-        beats += ((scores >= pos[:, None]) & ~masked[:, :-1]).sum(1)
-    return 1 + beats
+        if start == 0:
+            scores[:, 0] = float("-inf")  # padding
+        r, c = ((exclude >= start) & (exclude < end) & (exclude != 0)).nonzero(as_tuple=True)
+        scores[r, exclude[r, c] - start] = float("-inf")
+        counts += (scores >= pos[:, None]).sum(1, dtype=torch.int32)  # int32: ~2x faster than int64 on CPU
+    return 1 + counts
 
 
 @torch.no_grad()
