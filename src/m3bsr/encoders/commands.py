@@ -103,6 +103,16 @@ def run_image(args: argparse.Namespace) -> int:
     if ignored:
         _say(f"ignored {len(ignored)} files without an image suffix: {', '.join(ignored[:SHOW_IDS])}"
              + (", ..." if len(ignored) > SHOW_IDS else ""))
+    undecodable: dict[str, str] = {}
+    for path in paths:  # fail on a folder of non-images before the model (and its optional packages) loads
+        try:
+            image.load_pixels(path)
+            break
+        except image.UnreadableImage as e:
+            undecodable[path.stem] = str(e)
+    else:
+        if undecodable:
+            image.check_any_decoded(args.images, [], undecodable)
     device = _device()
     encoder = image.ImageEncoder(device)
     ids, x, missing = image.encode_images(encoder, paths, batch_size, progress=not args.quiet)
