@@ -1,0 +1,60 @@
+"""``m3bsr sweep``: grid parsing, validation-only runs, the ranked table and the emitted best config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from m3bsr.cli import main
+from m3bsr.config import load_config
+from m3bsr.errors import InputError
+from m3bsr.sweep import grid_points, parse_grid
+
+
+def test_parse_grid_and_cartesian_points():
+    axes = parse_grid("model.hidden_size=8,16 train.lr=1e-3,1e-2,0.1")
+    assert axes == [("model.hidden_size", ["8", "16"]), ("train.lr", ["1e-3", "1e-2", "0.1"])]
+    points = grid_points(axes)
+    assert len(points) == 6
+    assert points[0] == ["model.hidden_size=8", "train.lr=1e-3"]
+    assert points[-1] == ["model.hidden_size=16", "train.lr=0.1"]
+
+
+@pytest.mark.parametrize("grid, message", [("", "empty grid"), ("train.lr", "expected KEY=V1,V2"),
+                                           ("train.lr=1 train.lr=2", "a key appears twice")])
+def test_bad_grids_are_one_line_errors(grid, message):
+    with pytest.raises(InputError, match=message):
+        parse_grid(grid)
+
+
+def test_sweep_ranks_on_validation_never_evaluates_test(tiny_prepared, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    best = tmp_path / "best.yaml"
+    argv = ["sweep", "--dataset", str(tiny_prepared), "--model", "sasrec", "--grid", "train.lr=1e-4,1e-2",
+            "--set", "train.max_epochs=2", "--set", "model.hidden_size=8", "--set", "model.n_layers=1",
+            "--set", "data.max_len=10", "--set", "train.device=cpu", "--out", str(out),
+            "--emit-best", str(best), "--quiet"]
+    assert main(argv) == 0
+    rows = (out / "sweep.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("train.lr,run,")
+    runs = sorted((out / "runs").iterdir())
+    assert len(runs) == 2
+    valid = []
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["test"] is None or metrics["test"] == {}  # test never evaluated
+        assert not (run / "test_ranks.parquet").exists()
+        valid.append((metrics["valid"]["full"]["NDCG@10"], run.name))
+    # the table is ranked by the monitored valid metric, and the emitted config is the winner's
+    winner = max(valid)[1]
+    assert rows[1].split(",")[1] == winner
+    cfg = load_config(best)
+    assert cfg.train.eval_test is True and cfg.model.hidden_size == 8
+    assert cfg.train.lr == float(rows[1].split(",")[0])
+    # a second call reuses the finished runs (no retraining): same table
+    before = (out / "sweep.csv").read_text()
+    assert main(argv) == 0
+    assert (out / "sweep.csv").read_text() == before
+    assert yaml.safe_load(best.read_text())["model"]["name"] == "sasrec"
