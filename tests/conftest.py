@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from m3bsr.atomic import atomic_dir
 from m3bsr.data.prepared import EvalTargets, write_prepared
@@ -66,6 +67,16 @@ def make_tiny_prepared(out: Path, n_users: int = 40, n_items: int = 60, seed: in
 def tiny_prepared(tmp_path) -> Path:
     """Path of a small random prepared dataset (40 users, 60 items, image + text features)."""
     return make_tiny_prepared(tmp_path / "tiny")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a module: the test machine is shared, and oversubscribed
+    threads stall small kernels. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.layers import GroupedTransformerBlock, TransformerBlock, time_mask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _np_tables(T, b0, b1):

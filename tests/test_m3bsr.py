@@ -19,13 +19,7 @@ from m3bsr.models.summary import count_parameters, measure_flops, summarize
 from conftest import make_tiny_prepared
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is shared: one intra-op thread avoids oversubscription stalls."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 N_ITEMS = 30

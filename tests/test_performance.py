@@ -14,12 +14,7 @@ from m3bsr.models.layers import FastDropout, fast_dropout
 from test_m3bsr import CONFIGS, make_batch, make_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pad_wider(batch, extra: int):
