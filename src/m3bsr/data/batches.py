@@ -76,6 +76,25 @@ def _put(dst: np.ndarray, row: int, values: np.ndarray) -> None:
     dst[row, : len(values)] = values
 
 
+def _alloc(n: int, L: int, p: int) -> dict[str, np.ndarray]:
+    """Padded arrays for ``n`` windows of ``L`` tokens per stream and ``p`` queries."""
+    return {
+        "users": np.zeros(n, np.int64),
+        "aux_items": np.zeros((n, L), np.int64), "aux_behaviors": np.zeros((n, L), np.int64),
+        "aux_times": np.full((n, L), PAD_TIME, np.int64),
+        "tgt_items": np.zeros((n, L), np.int64), "tgt_times": np.full((n, L), PAD_TIME, np.int64),
+        "query_times": np.full((n, p), PAD_TIME, np.int64), "labels": np.zeros((n, p), np.int64),
+    }
+
+
+def _pad_rows(rows: list[np.ndarray]) -> np.ndarray:
+    """Ragged id lists → [len(rows), max(1, longest)] int64, right-padded with 0."""
+    out = np.zeros((len(rows), max([len(r) for r in rows] + [1])), np.int64)
+    for row, values in enumerate(rows):
+        _put(out, row, values)
+    return out
+
+
 class WindowBuilder:
     """Builds training and evaluation windows of one prepared dataset for a context ``max_len``."""
 
@@ -83,16 +102,6 @@ class WindowBuilder:
         self.ds = ds
         self.max_len = max_len
         self.events = _UserEvents(ds)
-
-    def _alloc(self, n: int, p: int) -> dict[str, np.ndarray]:
-        L = self.max_len
-        return {
-            "users": np.zeros(n, np.int64),
-            "aux_items": np.zeros((n, L), np.int64), "aux_behaviors": np.zeros((n, L), np.int64),
-            "aux_times": np.full((n, L), PAD_TIME, np.int64),
-            "tgt_items": np.zeros((n, L), np.int64), "tgt_times": np.full((n, L), PAD_TIME, np.int64),
-            "query_times": np.full((n, p), PAD_TIME, np.int64), "labels": np.zeros((n, p), np.int64),
-        }
 
     def _fill_aux(self, out: dict, row: int, user: int, before: int) -> None:
         items, beh, order = self.events.get(0, user)
@@ -113,7 +122,7 @@ class WindowBuilder:
             n = int(np.searchsorted(order, first_eval[user]))
             for hi in range(n, 0, -self.max_len):
                 spans.append((user, max(0, hi - self.max_len), hi))
-        out = self._alloc(len(spans), self.max_len)
+        out = _alloc(len(spans), self.max_len, self.max_len)
         for row, (user, lo, hi) in enumerate(spans):
             items, _, order = self.events.get(1, user)
             out["users"][row] = user
@@ -133,7 +142,7 @@ class WindowBuilder:
         """
         targets = getattr(self.ds, split)
         n = len(targets)
-        out = self._alloc(n, 1)
+        out = _alloc(n, self.max_len, 1)
         excluded: list[np.ndarray] = []
         for row in range(n):
             user, item, q = int(targets.user[row]), int(targets.item[row]), int(targets.order[row])
@@ -152,12 +161,8 @@ class WindowBuilder:
                 seen = np.concatenate([seen, a_items[: np.searchsorted(a_order, q)]])
             seen = np.unique(seen)
             excluded.append(seen[seen != item])
-        width = max([len(x) for x in excluded] + [1])
-        exclude_items = np.zeros((n, width), np.int64)
-        for row, seen in enumerate(excluded):
-            _put(exclude_items, row, seen)
         return WindowArrays(**out, candidates=targets.candidates[:, None, :].astype(np.int64),
-                            exclude_items=exclude_items)
+                            exclude_items=_pad_rows(excluded))
 
 
 def iterate_batches(windows: WindowArrays, batch_size: int, *, shuffle: bool = False,
@@ -212,17 +217,11 @@ def latest_windows(histories: list[History], max_len: int, users: np.ndarray | N
     just after its last event (``labels`` is 1 as a placeholder so the query counts as real; there
     is no true next item). ``exclude_items`` lists every item of the history (0-padded).
     """
-    n = len(histories)
     L = max_len
-    out = {
-        "users": np.zeros(n, np.int64) if users is None else np.asarray(users, np.int64),
-        "aux_items": np.zeros((n, L), np.int64), "aux_behaviors": np.zeros((n, L), np.int64),
-        "aux_times": np.full((n, L), PAD_TIME, np.int64),
-        "tgt_items": np.zeros((n, L), np.int64), "tgt_times": np.full((n, L), PAD_TIME, np.int64),
-        "query_times": np.zeros((n, 1), np.int64), "labels": np.ones((n, 1), np.int64),
-    }
-    seen = [h.items() for h in histories]
-    exclude_items = np.zeros((n, max([len(s) for s in seen] + [1])), np.int64)
+    out = _alloc(len(histories), L, 1)
+    if users is not None:
+        out["users"][:] = users
+    out["labels"][:] = 1
     for row, h in enumerate(histories):
         _put(out["aux_items"], row, h.aux_items[-L:])
         _put(out["aux_behaviors"], row, h.aux_behaviors[-L:])
@@ -230,8 +229,7 @@ def latest_windows(histories: list[History], max_len: int, users: np.ndarray | N
         _put(out["tgt_items"], row, h.tgt_items[-L:])
         _put(out["tgt_times"], row, h.tgt_times[-L:])
         out["query_times"][row, 0] = h.now
-        _put(exclude_items, row, seen[row])
-    return WindowArrays(**out, exclude_items=exclude_items)
+    return WindowArrays(**out, exclude_items=_pad_rows([h.items() for h in histories]))
 
 
 def user_history(builder: WindowBuilder, user: int) -> History:
