@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import ipaddress
 import json
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,6 +31,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import yaml
+
+from m3bsr.serving.local import free_port, stop, wait_healthy
 
 
 def _m3bsr(*argv: str) -> list[str]:
@@ -64,27 +65,6 @@ def check_loopback(url: str) -> None:
         pass
     if not ok:
         raise SystemExit(f"--url {url}: only loopback servers (127.0.0.0/8, localhost, ::1) may be load-tested")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen | None) -> dict:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"server exited with code {proc.returncode}")
-        try:
-            r = httpx.get(f"{url}/health", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url}/health did not answer within {timeout_s} s")
 
 
 async def load(url: str, users: list[str], clients: int, duration: float, max_requests: int, k: int,
@@ -167,18 +147,16 @@ def main(argv: list[str] | None = None) -> int:
                     cmd += [flag, str(value)]
             proc = subprocess.Popen(cmd)
         try:
-            before = wait_healthy(url, 120, proc)
+            try:
+                before = wait_healthy(url, 120, proc)
+            except RuntimeError as e:
+                raise SystemExit(str(e)) from None
             lat, n_err, wall, samples = asyncio.run(load(url, users, args.clients, args.duration,
                                                          args.max_requests, args.k, args.exclude_seen, args.seed))
             after = httpx.get(f"{url}/health", timeout=5).json()
         finally:
             if proc is not None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(timeout=5)
+                stop(proc)
 
     lat_ms = np.array(lat) * 1000
     passes = after["forward_passes"] - before["forward_passes"]

@@ -6,11 +6,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from m3bsr.serving.app import BatchingConfig, create_app  # noqa: E402
+from m3bsr.serving.local import free_port, stop, wait_healthy  # noqa: E402
 
 MAX_LEN = 6
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -269,35 +268,15 @@ def test_app_malformed_json_is_422(client):
 # --------------------------------------------------------------------------- real servers on loopback
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, deadline_s: float, proc: subprocess.Popen | None = None) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"server exited early: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} not healthy after {deadline_s} s")
-
-
 def test_uvicorn_thread_micro_batches_concurrent_requests(sasrec):
     app = create_app(sasrec, BatchingConfig(max_batch=16, max_wait_ms=20))
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, 20)
+        wait_healthy(url, 20)
         users = [f"u{1 + i % 40}" for i in range(48)]
 
         async def fire():
@@ -324,19 +303,14 @@ def test_uvicorn_thread_micro_batches_concurrent_requests(sasrec):
 
 
 def test_cli_serve_subprocess(runs):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "m3bsr", "serve", str(runs["pop"]), "--port", str(port),
                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(url, 60, proc)
+        wait_healthy(url, 60, proc)
         r = httpx.post(f"{url}/recommend", json={"user_id": "u1", "k": 3}, timeout=10)
         assert r.status_code == 200 and len(r.json()["items"]) == 3
         assert httpx.post(f"{url}/recommend", json={"user_id": "u1", "k": -1}, timeout=10).status_code == 422
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc)
