@@ -175,10 +175,7 @@ def build_config(raw: dict[str, Any] | None = None, *, model: str | None = None,
         set_dotted(raw, path, value)
     name = raw["model"].get("name", "m3bsr")
     raw["model"]["name"] = name
-    try:
-        cfg_cls = model_config_class(name)
-    except KeyError as e:
-        raise InputError(str(e.args[0])) from None
+    cfg_cls = model_config_class(name)
     try:
         model_cfg = cfg_cls.model_validate(raw["model"])
     except ValidationError as e:

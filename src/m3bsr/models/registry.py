@@ -27,8 +27,7 @@ def model_names() -> list[str]:
 def model_class(name: str) -> type:
     """The model class registered as ``name``."""
     if name not in _MODELS:
-        raise KeyError(str(input_error(f"model {name!r}", "unknown model",
-                                       f"Choose one of: {', '.join(_MODELS)}")))
+        raise input_error(f"model {name!r}", "unknown model", f"Choose one of: {', '.join(_MODELS)}")
     module, cls = _MODELS[name].split(":")
     return getattr(importlib.import_module(module), cls)
 
