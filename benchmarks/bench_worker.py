@@ -42,7 +42,7 @@ def _config(spec: dict):
     sets = [f"model.hidden_size={spec['d']}", f"data.max_len={spec['L']}",
             f"train.batch_size={spec.get('batch', 256)}", f"train.device={spec['device']}",
             f"train.compile={str(spec.get('compile', False)).lower()}", "train.amp=true",
-            f"eval.item_chunk={spec.get('item_chunk', 65536)}"]
+            f"eval.item_chunk={spec.get('item_chunk', 2048)}"]
     if spec["model"] in ("m3bsr", "sasrec"):
         sets.append(f"model.max_positions={max(200, 2 * spec['L'])}")
     return build_config(model=spec["model"], overrides=sets + list(spec.get("set", [])))

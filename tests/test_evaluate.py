@@ -176,3 +176,71 @@ def test_m3bsr_beats_pop_on_small_synthetic(tmp_path, capsys):
 def test_demo_m3bsr_beats_pop(tmp_path):
     """The demo as `make demo` runs it (synthetic preset, demo config)."""
     _demo_beats_pop(tmp_path, [], [])
+
+
+# --------------------------------------------------------------------------- length-sorted, trimmed batches
+
+
+def _untrimmed_ranks(model, windows, chunk: int) -> dict[str, np.ndarray]:
+    """Ranks in plain window order, full-width batches (no sorting, no trimming)."""
+    from m3bsr.engine.evaluate import full_ranks, sampled_ranks
+
+    out = {"sampled": [], "full": []}
+    with torch.no_grad():
+        for lo in range(0, len(windows), 5):
+            b = windows.batch(slice(lo, lo + 5))
+            reps = model.represent(b)
+            out["sampled"].append(sampled_ranks(model, reps, b))
+            out["full"].append(full_ranks(model, reps, b, chunk))
+    return {k: torch.cat(v).numpy() for k, v in out.items()}
+
+
+def test_trimmed_batch_is_a_prefix_of_the_full_batch(tiny_prepared):
+    ds = PreparedDataset.load(tiny_prepared)
+    windows = WindowBuilder(ds, 50).eval_windows("test", "all")
+    idx = windows.length_order()[:7]  # the seven shortest windows
+    full, cut = windows.batch(idx), windows.batch(idx, trim=True)
+    aux_len, tgt_len = windows.lengths()
+    assert cut.aux_items.shape[1] == max(1, aux_len[idx].max()) < full.aux_items.shape[1]
+    assert cut.tgt_items.shape[1] == max(1, tgt_len[idx].max())
+    for k in ("aux_items", "aux_behaviors", "aux_times", "tgt_items", "tgt_times", "exclude_items"):
+        a, b = getattr(full, k), getattr(cut, k)
+        torch.testing.assert_close(a[:, : b.shape[1]], b)
+        pad = PAD_TIME if k.endswith("times") else 0
+        assert bool((a[:, b.shape[1]:] == pad).all()), f"{k}: a trimmed column held an event"
+    assert (np.diff(np.maximum(aux_len, tgt_len)[windows.length_order()]) >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["m3bsr", "sasrec", "bert4rec", "gru4rec", "mbstr", "mmsasrec", "pop"])
+def test_sorting_and_trimming_change_no_rank(tiny_prepared, name):
+    """evaluate() sorts windows by length and trims padding; every model must rank exactly as on
+    full-width batches in window order (left-aligned windows, positions from the left)."""
+    from m3bsr.config import build_config
+    from m3bsr.models.registry import build_model
+
+    ds = PreparedDataset.load(tiny_prepared)
+    cfg = build_config(model=name, overrides=["model.hidden_size=16"] if name != "pop" else [])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ds.catalogue()).eval()
+    if name == "pop":  # fit the counts so that scores are not all tied
+        model.loss(WindowBuilder(ds, 50).train_windows().batch(slice(None)))
+    windows = WindowBuilder(ds, 50).eval_windows("test", "target")
+    _, ranks = evaluate(model, windows, EvalConfig(item_chunk=16), batch_size=8, device="cpu")
+    ref = _untrimmed_ranks(model, windows, 16)
+    np.testing.assert_array_equal(ranks["full"], ref["full"])
+    np.testing.assert_array_equal(ranks["sampled"], ref["sampled"])
+    assert len(np.unique(ref["full"])) > 3  # ranks are informative, not all tied
+
+
+def test_multi_query_windows_come_back_in_window_order(tiny_prepared):
+    """Training windows hold many queries each; their ranks are returned window by window."""
+    ds = PreparedDataset.load(tiny_prepared)
+    model = RandomModel(RandomConfig(), ds.catalogue())
+    windows = WindowBuilder(ds, 6).train_windows()
+    windows.candidates = np.concatenate([windows.labels[..., None],
+                                         np.broadcast_to(np.arange(1, 6), windows.labels.shape + (5,))], -1)
+    windows.exclude_items = np.zeros((len(windows), 1), np.int64)
+    assert len(np.unique((windows.labels != 0).sum(1))) > 1  # windows differ in query count
+    _, ranks = evaluate(model, windows, EvalConfig(item_chunk=16), batch_size=3, device="cpu")
+    ref = _untrimmed_ranks(model, windows, 16)
+    np.testing.assert_array_equal(ranks["full"], ref["full"])

@@ -68,7 +68,8 @@ class EvalConfig(StrictModel):
         "target", description="full ranking: mask items of the user's target history (positive never masked)"
     )
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
-    item_chunk: int = Field(65536, ge=1, description="items scored per chunk in full ranking (bounds memory)")
+    item_chunk: int = Field(2048, ge=1, description="items scored per chunk in full ranking (bounds memory; "
+                            "a few thousand keeps the scores in cache)")
 
 
 class Config(StrictModel):

@@ -42,11 +42,35 @@ class WindowArrays:
         """Number of real queries over all windows."""
         return int((self.labels != 0).sum())
 
-    def batch(self, index: np.ndarray | slice) -> SequenceBatch:
-        """The windows at ``index`` as a :class:`SequenceBatch` of CPU tensors."""
-        return SequenceBatch(**{f.name: (torch.from_numpy(np.ascontiguousarray(getattr(self, f.name)[index]))
-                                         if getattr(self, f.name) is not None else None)
-                                for f in fields(self)})
+    def lengths(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(aux, tgt)`` [n] int64: the number of events in each window's two streams."""
+        return (self.aux_times < PAD_TIME).sum(1), (self.tgt_times < PAD_TIME).sum(1)
+
+    def length_order(self) -> np.ndarray:
+        """[n] a stable permutation putting windows of similar length next to each other (by the
+        longer stream, then the total), so a batch of neighbours trims to little padding."""
+        aux, tgt = self.lengths()
+        return np.lexsort((aux + tgt, np.maximum(aux, tgt)))
+
+    def batch(self, index: np.ndarray | slice, *, trim: bool = False) -> SequenceBatch:
+        """The windows at ``index`` as a :class:`SequenceBatch` of CPU tensors.
+
+        ``trim`` drops the trailing columns that are padding in every selected window (each stream
+        to its own longest, at least 1; the exclusion lists likewise). Exact for every model:
+        windows are left-aligned, positions count from the left and padding is masked.
+        """
+        arrays = {f.name: getattr(self, f.name)[index] if getattr(self, f.name) is not None else None
+                  for f in fields(self)}
+        if trim:
+            for stream in ("aux", "tgt"):
+                width = max(1, int((arrays[f"{stream}_times"] < PAD_TIME).sum(1).max(initial=0)))
+                for k in (f"{stream}_items", f"{stream}_times") + (("aux_behaviors",) if stream == "aux" else ()):
+                    arrays[k] = arrays[k][:, :width]
+            if arrays["exclude_items"] is not None:
+                width = max(1, int((arrays["exclude_items"] != 0).sum(1).max(initial=0)))
+                arrays["exclude_items"] = arrays["exclude_items"][:, :width]
+        return SequenceBatch(**{k: (torch.from_numpy(np.ascontiguousarray(v)) if v is not None else None)
+                                for k, v in arrays.items()})
 
 
 class _UserEvents:
@@ -167,19 +191,23 @@ class WindowBuilder:
 
 def iterate_batches(windows: WindowArrays, batch_size: int, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, pin_memory: bool = False,
-                    rank: int = 0, world_size: int = 1):
+                    rank: int = 0, world_size: int = 1, order: np.ndarray | None = None,
+                    trim: bool = False):
     """Yield :class:`SequenceBatch` es of ``batch_size`` windows.
 
     With ``shuffle`` the order is a permutation drawn from ``generator`` (so resuming with a
-    restored generator replays the same order). With ``world_size > 1`` each rank takes every
-    ``world_size``-th window of the permutation (a distributed sampler).
+    restored generator replays the same order); ``order`` gives it explicitly instead (e.g.
+    :meth:`WindowArrays.length_order`). With ``world_size > 1`` each rank takes every
+    ``world_size``-th window of the permutation (a distributed sampler). ``trim``: see
+    :meth:`WindowArrays.batch`.
     """
     n = len(windows)
-    order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
+    if order is None:
+        order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
     if world_size > 1:
         order = order[rank::world_size]
     for start in range(0, len(order), batch_size):
-        b = windows.batch(order[start: start + batch_size])
+        b = windows.batch(order[start: start + batch_size], trim=trim)
         yield b.pin_memory() if pin_memory else b
 
 

@@ -162,7 +162,7 @@ class Recommender:
     def _rank_chunk(self, histories: Sequence[History], ks: list[int], excl: list[bool],
                     users: Sequence[int] | None) -> list[list[Recommendation]]:
         windows = latest_windows(list(histories), self.max_len, users=users)
-        batch = windows.batch(slice(None)).to(self.device)
+        batch = windows.batch(slice(None), trim=True).to(self.device)  # drop all-padding columns
         with torch.inference_mode():
             reps = self.model.represent(batch)  # [B, 1, d]
             scores = self.model.score(reps)[:, 0, :].float()  # [B, I+1]
