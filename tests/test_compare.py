@@ -144,8 +144,12 @@ def test_config_sharing():
         compare.model_configs({}, ["sasrec"], 0, ["model.mask_prob=0.3"])
     with pytest.raises(InputError, match="--seeds"):
         compare.model_configs({}, ["sasrec"], 0, ["seed=4"])
-    with pytest.raises(InputError, match="shared"):
-        compare.model_configs({"models": {"sasrec": {"hidden_size": 8}}}, ["sasrec"], 0, [])
+    tuned = compare.model_configs({"models": {"sasrec": {"hidden_size": 8, "train": {"lr": 0.003}}}},
+                                  ["sasrec", "gru4rec"], 0, ["model.hidden_size=48", "train.lr=0.001"])
+    assert (tuned["sasrec"].model.hidden_size, tuned["sasrec"].train.lr) == (8, 0.003)
+    assert (tuned["gru4rec"].model.hidden_size, tuned["gru4rec"].train.lr) == (48, 0.001)
+    with pytest.raises(InputError, match="only the optimiser keys"):
+        compare.model_configs({"models": {"sasrec": {"train": {"max_epochs": 9}}}}, ["sasrec"], 0, [])
     with pytest.raises(InputError, match="unknown model 'nope'"):
         compare.parse_models("sasrec,nope")
     with pytest.raises(InputError, match="integers"):

@@ -10,7 +10,7 @@ import yaml
 from m3bsr.cli import main
 from m3bsr.config import load_config
 from m3bsr.errors import InputError
-from m3bsr.sweep import grid_points, parse_grid
+from m3bsr.sweep import _slug, grid_points, parse_grid
 
 
 def test_parse_grid_and_cartesian_points():
@@ -20,6 +20,8 @@ def test_parse_grid_and_cartesian_points():
     assert len(points) == 6
     assert points[0] == ["model.hidden_size=8", "train.lr=1e-3"]
     assert points[-1] == ["model.hidden_size=16", "train.lr=0.1"]
+    # run folder names keep decimal values whole (a dotted value is not a dotted key)
+    assert _slug(["model.dropout=0.2", "train.lr=1e-3"]) == "dropout=0.2-lr=1e-3"
 
 
 @pytest.mark.parametrize("grid, message", [("", "empty grid"), ("train.lr", "expected KEY=V1,V2"),

@@ -14,7 +14,10 @@ Layout of ``OUT`` (every file written atomically)::
 Fairness: every model gets the same split, ``train`` section (max epochs, early stopping, batch size),
 ``data.max_len`` and ``model.hidden_size``; other ``model.*`` keys (from ``--config`` or ``--set``)
 go to the models whose config has them, and a config may add per-model keys under
-``models: {<name>: {...}}``. The reference is ``m3bsr`` when listed, else the first model.
+``models: {<name>: {...}}``. For a table where each model runs at its own validation-tuned setting
+(as papers tune every baseline), a per-model block may also set ``hidden_size`` and the optimiser keys
+``train: {lr, weight_decay}``; the epoch budget, early stopping and batch size stay shared.
+The reference is ``m3bsr`` when listed, else the first model.
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ def read_raw_config(path: Path | None) -> dict[str, Any]:
     return raw
 
 
+PER_MODEL_TRAIN = ("lr", "weight_decay")  # the train keys a per-model block may tune
+
+
 def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[str],
                   source: str = "config") -> dict[str, Config]:
     """One :class:`Config` per model for ``seed`` (see the module docstring for how keys are shared)."""
@@ -87,12 +93,17 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
     per_model = raw.pop("models", None) or {}
     shared_model = {k: v for k, v in (raw.pop("model", None) or {}).items() if k != "name"}
     fields = {m: set(model_config_class(m).model_fields) for m in models}
-    for name in per_model:
+    per_train: dict[str, dict[str, Any]] = {}
+    for name in list(per_model):
         if name not in models:
             raise input_error(f"{source}: models.{name}", "not among --models", "Remove it or add it to --models")
-        if "hidden_size" in (per_model[name] or {}):
-            raise input_error(f"{source}: models.{name}.hidden_size", "the hidden size is shared by every model",
-                              "Set model.hidden_size instead")
+        per_model[name] = dict(per_model[name] or {})
+        per_train[name] = dict(per_model[name].pop("train", None) or {})
+        for key in per_train[name]:
+            if key not in PER_MODEL_TRAIN:
+                raise input_error(f"{source}: models.{name}.train.{key}", "only the optimiser keys may differ "
+                                  f"per model ({', '.join(PER_MODEL_TRAIN)})",
+                                  f"Set train.{key} for every model at the top level")
     model_sets, other_sets, hidden = [], [], shared_model.get("hidden_size")
     for text in sets:
         path, value = parse_override(text)
@@ -114,7 +125,9 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
         model_raw = {k: v for k, v in shared_model.items() if k in fields[m]}
         model_raw.update(per_model.get(m) or {})
         mine = [t for key, t in model_sets if key in fields[m] and key != "hidden_size"]
-        overrides = other_sets + mine + [f"model.hidden_size={hidden}", f"seed={seed}"] + FORCED
+        mine += [f"train.{k}={v}" for k, v in per_train.get(m, {}).items()]
+        own_hidden = model_raw.pop("hidden_size", hidden)
+        overrides = other_sets + mine + [f"model.hidden_size={own_hidden}", f"seed={seed}"] + FORCED
         out[m] = build_config({**raw, "model": model_raw}, model=m, overrides=overrides, source=source)
     return out
 

@@ -47,7 +47,9 @@ def grid_points(axes: list[tuple[str, list[str]]]) -> list[list[str]]:
 
 
 def _slug(overrides: list[str]) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(o.split(".")[-1] for o in overrides))[:80]
+    """``["model.dropout=0.2", "train.lr=1e-3"]`` → ``"dropout=0.2-lr=1e-3"`` (last key part = value)."""
+    short = [o.split("=", 1)[0].split(".")[-1] + "=" + o.split("=", 1)[1] for o in overrides]
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(short))[:80]
 
 
 def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
