@@ -148,6 +148,10 @@ def test_config_sharing():
                                   ["sasrec", "gru4rec"], 0, ["model.hidden_size=48", "train.lr=0.001"])
     assert (tuned["sasrec"].model.hidden_size, tuned["sasrec"].train.lr) == (8, 0.003)
     assert (tuned["gru4rec"].model.hidden_size, tuned["gru4rec"].train.lr) == (48, 0.001)
+    only_gru = compare.model_configs({"models": {"sasrec": {"hidden_size": 8}}}, ["gru4rec"], 0, [])
+    assert only_gru["gru4rec"].model.hidden_size == 64  # a block of an unlisted model is ignored
+    with pytest.raises(InputError, match="models.nope: unknown model"):
+        compare.model_configs({"models": {"nope": {}}}, ["sasrec"], 0, [])
     with pytest.raises(InputError, match="only the optimiser keys"):
         compare.model_configs({"models": {"sasrec": {"train": {"max_epochs": 9}}}}, ["sasrec"], 0, [])
     with pytest.raises(InputError, match="unknown model 'nope'"):

@@ -16,7 +16,8 @@ Fairness: every model gets the same split, ``train`` section (max epochs, early 
 go to the models whose config has them, and a config may add per-model keys under
 ``models: {<name>: {...}}``. For a table where each model runs at its own validation-tuned setting
 (as papers tune every baseline), a per-model block may also set ``hidden_size`` and the optimiser keys
-``train: {lr, weight_decay}``; the epoch budget, early stopping and batch size stay shared.
+``train: {lr, weight_decay}``; the epoch budget, early stopping and batch size stay shared. Blocks
+of models not in ``--models`` are ignored, so one tuned config serves several partial calls.
 The reference is ``m3bsr`` when listed, else the first model.
 """
 
@@ -95,8 +96,9 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
     fields = {m: set(model_config_class(m).model_fields) for m in models}
     per_train: dict[str, dict[str, Any]] = {}
     for name in list(per_model):
-        if name not in models:
-            raise input_error(f"{source}: models.{name}", "not among --models", "Remove it or add it to --models")
+        if name not in model_names():
+            raise input_error(f"{source}: models.{name}", "unknown model",
+                              f"Use one of: {', '.join(model_names())}")
         per_model[name] = dict(per_model[name] or {})
         per_train[name] = dict(per_model[name].pop("train", None) or {})
         for key in per_train[name]:
