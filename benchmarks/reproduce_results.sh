@@ -141,8 +141,6 @@ for axis in "model.T_m=5,10,15" "model.T_b=5,15" "model.lambda_c=0.01,0.15" "mod
 done
 $TIME $M3 sweep --dataset "$OUT/data/ml100k_mm" --model m3bsr --grid "model.scorer=tied" --set model.id_dim=64 $SCREEN \
     --out "$OUT/sw/m3_tied64" --quiet
-$TIME $M3 sweep --dataset "$OUT/data/ml100k_mm" --model m3bsr --grid "train.lr=1e-4" $SWEEP \
-    --set train.max_epochs=4 --set train.patience=4 --out "$OUT/sw/m3_lr" --quiet
 
 # ---------------------------------------------------------------- 7. Table 1, tuned: every model at its validation-best setting
 # benchmarks/configs/ml100k_tuned.yaml holds each model's winner from step 6 (per-model hidden size, lr,
