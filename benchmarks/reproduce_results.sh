@@ -141,6 +141,9 @@ for axis in "model.T_m=5,10,15" "model.T_b=5,15" "model.lambda_c=0.01,0.15" "mod
 done
 $TIME $M3 sweep --dataset "$OUT/data/ml100k_mm" --model m3bsr --grid "model.scorer=tied" --set model.id_dim=64 $SCREEN \
     --out "$OUT/sw/m3_tied64" --quiet
+# The best screened values together with the best regularisation, trained until early stopping.
+$TIME $M3 sweep --dataset "$OUT/data/ml100k_mm" --model m3bsr --grid "model.T_m=15" --set model.lambda_c=0.15 --set model.lambda_m=0.15 --set model.lambda_b=0.15 \
+    --set model.dropout=0.5 --set train.weight_decay=1e-4 $M3REG --out "$OUT/sw/m3_combo" --quiet
 
 # ---------------------------------------------------------------- 7. Table 1, tuned: every model at its validation-best setting
 # benchmarks/configs/ml100k_tuned.yaml holds each model's winner from step 6 (per-model hidden size, lr,
