@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import fields
-
 import torch
 
 from m3bsr.config import build_config
@@ -21,6 +19,8 @@ from m3bsr.data.batches import WindowBuilder, iterate_batches
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine.evaluate import full_ranks, sampled_ranks
 from m3bsr.models.registry import build_model
+
+from bench_worker import _subset  # the first n windows (same helper as the benchmark's eval)
 
 
 def main() -> None:
@@ -37,9 +37,7 @@ def main() -> None:
     ds = PreparedDataset.load(args.dataset)
     torch.manual_seed(0)
     model = build_model(cfg.model, ds.catalogue()).eval()
-    w = WindowBuilder(ds, cfg.data.max_len).eval_windows("test", cfg.eval.exclude)
-    w = type(w)(**{f.name: (getattr(w, f.name)[: args.users] if getattr(w, f.name) is not None else None)
-                   for f in fields(w)})
+    w = _subset(WindowBuilder(ds, cfg.data.max_len).eval_windows("test", cfg.eval.exclude), args.users)
     with torch.no_grad():
         for _ in range(2):  # the first pass warms up
             stages = dict(represent=0.0, sampled=0.0, full=0.0)
