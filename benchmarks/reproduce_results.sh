@@ -15,6 +15,8 @@
 # one after the other, as written here, expect roughly double. Step 2b (Table 1 at lr 3e-3) took 12 min
 # on an almost idle machine. Every run is seeded, so the same machine
 # gives the same metrics.
+# Steps 6-7 (sweeps, the paper-grid screen and the tuned Table 1) took 03:46-05:56 of wall time on two job
+# queues (one thread each) plus an occasional third job: about 4.5 CPU-hours, M3BSR most of it.
 set -euo pipefail
 OUT=${1:-/work/results}
 DATA=${DATA:-../shared/data}
