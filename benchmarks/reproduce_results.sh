@@ -10,13 +10,13 @@
 #   TEXT=.../ml100k_text.parquet (MiniLM-L6, 384-d, title + overview)
 #   IMAGE=.../ml100k_image.parquet (EfficientNet-Lite0, 1280-d, posters)
 # Measured on a CPU-only machine (2 cores shared with other jobs, load 4-6), two jobs at a time with one
-# thread each: Table 1 took 26 min of wall time (m3bsr in one process, the baselines in the other); the
+# thread each: step 2 (the fixed-budget table) took 26 min of wall time (m3bsr in one process, the baselines in the other); the
 # ablations, FLAG alternatives and probes ~35 min; retail_rocket 5 min; the tmall sample ~20 min. Run
-# one after the other, as written here, expect roughly double. Step 2b (Table 1 at lr 3e-3) took 12 min
+# one after the other, as written here, expect roughly double. Step 2b (the fixed budget at lr 3e-3) took 12 min
 # on an almost idle machine. Every run is seeded, so the same machine
 # gives the same metrics.
 # Steps 6-7 (sweeps, the paper-grid screen and the tuned Table 1) took 03:46-05:56 of wall time on two job
-# queues (one thread each) plus an occasional third job: about 4.5 CPU-hours, M3BSR most of it.
+# queues (one thread each) plus an occasional third job: about 4.3 CPU-hours, M3BSR most of it.
 set -euo pipefail
 OUT=${1:-/work/results}
 DATA=${DATA:-../shared/data}
@@ -58,7 +58,7 @@ for m in m3bsr sasrec gru4rec bert4rec mbstr mmsasrec pop; do
       > "$OUT/timing/$m.log" 2>&1
 done
 
-# ---------------------------------------------------------------- 2. Table 1: ml100k_mm, 3 seeds
+# ---------------------------------------------------------------- 2. fixed shared budget: ml100k_mm, 3 seeds (docs/results.md section 1)
 # (run as two processes sharing one OUT: compare reuses finished runs, so the last call only tabulates)
 $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models m3bsr --seeds 0,1,2 $SHARED \
     --out "$OUT/ml100k/compare" --quiet
@@ -67,7 +67,7 @@ $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models pop,gru4rec,sasrec,be
 $M3 compare --dataset "$OUT/data/ml100k_mm" --models m3bsr,pop,gru4rec,sasrec,bert4rec,mbstr,mmsasrec \
     --seeds 0,1,2 $SHARED --out "$OUT/ml100k/compare" --quiet          # → results.md / .csv / .png
 
-# ---------------------------------------------------------------- 2b. Table 1 at the validation-chosen lr
+# ---------------------------------------------------------------- 2b. the fixed budget at the validation-chosen lr (section 1b)
 # (run last, after step 4, once the lr probe of step 3 had chosen 3e-3; same two-process pattern)
 $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models m3bsr --seeds 0,1,2 $SHARED --set train.lr=0.003 \
     --out "$OUT/ml100k_lr3/compare" --quiet
