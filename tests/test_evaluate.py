@@ -87,6 +87,41 @@ def test_protocols_match_brute_force(tiny_prepared, exclude, chunk, quantize):
         assert ref["full"].max() > 1
 
 
+class IntegerModel(RandomModel):
+    """Small-integer item vectors and biases and the base linear ``score``: every score is an exact
+    integer whatever the reduction order, so ties are many and genuine, and evaluation takes the
+    read-the-output-table-once path (``linear_table``)."""
+
+    def __init__(self, cfg: RandomConfig, catalogue: Catalogue):
+        super().__init__(cfg, catalogue)
+        with torch.no_grad():
+            self.emb.copy_(torch.randint(-2, 3, self.emb.shape, generator=torch.Generator().manual_seed(3)))
+            self.bias.copy_(torch.randint(-3, 4, self.bias.shape, generator=torch.Generator().manual_seed(4)))
+
+    def represent(self, batch: SequenceBatch) -> Tensor:
+        seen = (batch.tgt_items != 0) & (batch.tgt_times < batch.query_times[:, :1])  # [B, L]
+        rep = (self.emb[batch.tgt_items] * seen[..., None]).sum(1)  # [B, d], integer sums
+        return rep[:, None, :].expand(-1, batch.labels.shape[1], -1)
+
+    score = SequentialRecommender.score
+
+
+@pytest.mark.parametrize("exclude", ["target", "all"])
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_linear_table_path_matches_brute_force(tiny_prepared, exclude, chunk):
+    from m3bsr.engine.evaluate import linear_table
+
+    ds = PreparedDataset.load(tiny_prepared)
+    model = IntegerModel(RandomConfig(), ds.catalogue())
+    assert linear_table(model) is not None and linear_table(RandomModel(RandomConfig(), ds.catalogue())) is None
+    windows = WindowBuilder(ds, 10).eval_windows("valid", exclude)
+    _, ranks = evaluate(model, windows, EvalConfig(exclude=exclude, item_chunk=chunk), batch_size=6, device="cpu")
+    ref = reference_ranks(model, windows)
+    np.testing.assert_array_equal(ranks["full"], ref["full"])
+    np.testing.assert_array_equal(ranks["sampled"], ref["sampled"])
+    assert len(np.unique(ref["full"])) > 3 and ref["full"].max() > 1
+
+
 def _one_window(n_items: int, label: int, exclude: list[int], candidates: list[int]):
     from m3bsr.data.batches import WindowArrays
 
@@ -140,7 +175,7 @@ def test_chunking_bounds_the_scored_width(tiny_prepared):
 
     def spy(reps, items=None):
         assert items is not None, "full ranking must not score the whole catalogue at once"
-        widths.append(items.shape[-1])
+        widths.append(len(range(model.n_items + 1)[items]) if isinstance(items, slice) else items.shape[-1])
         return original(reps, items)
 
     model.score = spy
@@ -211,6 +246,30 @@ def test_trimmed_batch_is_a_prefix_of_the_full_batch(tiny_prepared):
     assert (np.diff(np.maximum(aux_len, tgt_len)[windows.length_order()]) >= 0).all()
 
 
+def test_token_budget_batches(tiny_prepared):
+    """``max_tokens``: every window once, in the given order; a batch passes the budget only when
+    it holds a single window; long windows come in smaller batches than short ones."""
+    from m3bsr.data.batches import iterate_batches
+
+    ds = PreparedDataset.load(tiny_prepared)
+    windows = WindowBuilder(ds, 50).eval_windows("test", "target")
+    order = windows.length_order()
+    aux_len, tgt_len = windows.lengths()
+    longest = np.maximum(aux_len, tgt_len)[order]
+    budget = 8 * int(longest[7])  # the eight shortest windows just fit
+    assert longest[-1] > 2 * longest[7]
+    batches = list(iterate_batches(windows, 8, order=order, trim=True, max_tokens=budget))
+    users = torch.cat([b.users for b in batches]).numpy()
+    np.testing.assert_array_equal(users, windows.users[order])
+    sizes, widths = [], []
+    for b in batches:
+        width = max(b.aux_items.shape[1], b.tgt_items.shape[1])
+        assert len(b.users) <= 8 and (len(b.users) * width <= budget or len(b.users) == 1)
+        sizes.append(len(b.users))
+        widths.append(width)
+    assert sizes[0] == 8 and sizes[-1] < 8
+
+
 @pytest.mark.parametrize("name", ["m3bsr", "sasrec", "bert4rec", "gru4rec", "mbstr", "mmsasrec", "pop"])
 def test_sorting_and_trimming_change_no_rank(tiny_prepared, name):
     """evaluate() sorts windows by length and trims padding; every model must rank exactly as on
@@ -225,10 +284,12 @@ def test_sorting_and_trimming_change_no_rank(tiny_prepared, name):
     if name == "pop":  # fit the counts so that scores are not all tied
         model.loss(WindowBuilder(ds, 50).train_windows().batch(slice(None)))
     windows = WindowBuilder(ds, 50).eval_windows("test", "target")
-    _, ranks = evaluate(model, windows, EvalConfig(item_chunk=16), batch_size=8, device="cpu")
     ref = _untrimmed_ranks(model, windows, 16)
-    np.testing.assert_array_equal(ranks["full"], ref["full"])
-    np.testing.assert_array_equal(ranks["sampled"], ref["sampled"])
+    for max_tokens in (None, 40):  # fixed-size batches, then long windows in smaller batches
+        _, ranks = evaluate(model, windows, EvalConfig(item_chunk=16, max_tokens=max_tokens), batch_size=8,
+                            device="cpu")
+        np.testing.assert_array_equal(ranks["full"], ref["full"])
+        np.testing.assert_array_equal(ranks["sampled"], ref["sampled"])
     assert len(np.unique(ref["full"])) > 3  # ranks are informative, not all tied
 
 

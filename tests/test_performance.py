@@ -1,5 +1,5 @@
 """The speed-ups of M3BSR (docs/performance.md) change no output: padding trimming, MEIE length
-buckets and the fast dropout mask."""
+buckets, the query-rows-only last layer at inference and the fast dropout mask."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import m3bsr.models.experts as experts_module
 import m3bsr.models.m3bsr as m3bsr_module
 from m3bsr.batch import PAD, PAD_TIME
+from m3bsr.models.experts import MultiExpertInterestExtractor
 from m3bsr.models.layers import FastDropout, fast_dropout
 
 from test_m3bsr import CONFIGS, make_batch, make_model
@@ -36,12 +38,80 @@ def test_trimming_and_buckets_leave_representations_unchanged(overrides, monkeyp
     fast = make_model(*overrides, "model.length_buckets=4").eval()
     slow = make_model(*overrides, "model.length_buckets=1").eval()
     slow.load_state_dict(fast.state_dict())
+    groups = _count_groups(monkeypatch)
     with torch.no_grad():
         got = fast.represent(batch)
+        assert groups == [4] or overrides == ("model.no_meie=true",)  # the buckets really ran
         monkeypatch.setattr(m3bsr_module, "trim_padding", lambda b: b)
         want = slow.represent(_pad_wider(batch, 7))
     mask = batch.query_mask
     assert torch.allclose(got[mask], want[mask], atol=1e-5, rtol=1e-4)
+
+
+def _count_groups(monkeypatch) -> list[int]:
+    """Record how many window groups each MEIE call runs (1 = no bucketing)."""
+    calls: list[int] = []
+    original_forward, original_experts = MultiExpertInterestExtractor.forward, MultiExpertInterestExtractor._experts
+
+    def forward(self, *args):
+        calls.append(0)
+        return original_forward(self, *args)
+
+    def experts(self, *args):
+        calls[-1] += 1
+        return original_experts(self, *args)
+
+    monkeypatch.setattr(MultiExpertInterestExtractor, "forward", forward)
+    monkeypatch.setattr(MultiExpertInterestExtractor, "_experts", experts)
+    return calls
+
+
+def test_buckets_only_when_they_save_padding(monkeypatch):
+    """A batch of windows of equal length (like a length-sorted evaluation batch) runs as one group."""
+    batch = make_batch(B=70, L=12, seed=5)
+    model = make_model("model.length_buckets=4").eval()
+    groups = _count_groups(monkeypatch)
+    same = type(batch)(**{k: (v[:1].expand(70, *v.shape[1:]).contiguous() if k != "users" else v)
+                          for k, v in vars(batch).items() if v is not None})
+    with torch.no_grad():
+        model.represent(batch)
+        model.represent(same)
+    assert groups == [4, 1]
+    assert experts_module.MIN_SAVING > 0
+
+
+@pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: ",".join(x.split(".")[1] for x in o) or "default")
+def test_eval_rows_only_last_layer_equals_all_rows(overrides, monkeypatch):
+    """Eval mode with fewer queries than tokens: the last layer of each expert computes only the
+    rows the queries read. Reference: the all-rows pass (training mode, dropout 0, no loss)."""
+    batch = make_batch(B=6, L=10, seed=2, queries="random")
+    assert batch.query_times.shape[1] < batch.aux_items.shape[1]
+    model = make_model(*overrides, "model.dropout=0.0")
+    seen = []
+    original = experts_module.run_blocks
+    monkeypatch.setattr(experts_module, "run_blocks",
+                        lambda blocks, x, mask, rows=None: seen.append(rows is not None) or original(blocks, x, mask, rows))
+    with torch.no_grad():
+        rows_only = model.eval().represent(batch)
+        assert all(seen) and (seen or overrides == ("model.no_meie=true",))
+        all_rows = model.train().represent(batch)
+    mask = batch.query_mask
+    assert torch.allclose(rows_only[mask], all_rows[mask], atol=1e-5, rtol=1e-4)
+
+
+def test_sasrec_rows_only_last_layer_equals_all_rows():
+    from m3bsr.config import build_config
+    from m3bsr.models.registry import build_model
+    from test_m3bsr import make_catalogue
+
+    torch.manual_seed(0)
+    cfg = build_config(model="sasrec", overrides=["model.hidden_size=16", "model.dropout=0.0"]).model
+    model = build_model(cfg, make_catalogue(False))
+    batch = make_batch(B=6, L=10, seed=3, queries="random")
+    with torch.no_grad():
+        rows_only, all_rows = model.eval().represent(batch), model.train().represent(batch)
+    mask = batch.query_mask
+    assert torch.allclose(rows_only[mask], all_rows[mask], atol=1e-5, rtol=1e-4)
 
 
 def test_buckets_keep_training_loss_terms_and_gradients():

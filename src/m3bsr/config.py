@@ -68,8 +68,10 @@ class EvalConfig(StrictModel):
         "target", description="full ranking: mask items of the user's target history (positive never masked)"
     )
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
-    item_chunk: int = Field(2048, ge=1, description="items scored per chunk in full ranking (bounds memory; "
+    item_chunk: int = Field(1024, ge=1, description="items scored per chunk in full ranking (bounds memory; "
                             "a few thousand keeps the scores in cache)")
+    max_tokens: int | None = Field(8192, ge=1, description="an evaluation batch holds at most this many windows x "
+                                   "longest window (null: always train.eval_batch_size windows); speed only")
 
 
 class Config(StrictModel):

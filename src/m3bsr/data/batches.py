@@ -192,22 +192,33 @@ class WindowBuilder:
 def iterate_batches(windows: WindowArrays, batch_size: int, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, pin_memory: bool = False,
                     rank: int = 0, world_size: int = 1, order: np.ndarray | None = None,
-                    trim: bool = False):
+                    trim: bool = False, max_tokens: int | None = None):
     """Yield :class:`SequenceBatch` es of ``batch_size`` windows.
 
     With ``shuffle`` the order is a permutation drawn from ``generator`` (so resuming with a
     restored generator replays the same order); ``order`` gives it explicitly instead (e.g.
     :meth:`WindowArrays.length_order`). With ``world_size > 1`` each rank takes every
     ``world_size``-th window of the permutation (a distributed sampler). ``trim``: see
-    :meth:`WindowArrays.batch`.
+    :meth:`WindowArrays.batch`. ``max_tokens`` ends a batch early once its windows times its
+    longest window (the longer stream) would pass that many (at least one window per batch):
+    with ``order`` by length, short windows come in full batches and long ones in small batches.
     """
     n = len(windows)
     if order is None:
         order = torch.randperm(n, generator=generator).numpy() if shuffle else np.arange(n)
     if world_size > 1:
         order = order[rank::world_size]
-    for start in range(0, len(order), batch_size):
-        b = windows.batch(order[start: start + batch_size], trim=trim)
+    if max_tokens is not None:
+        aux, tgt = windows.lengths()
+        longest = np.maximum(np.maximum(aux, tgt), 1)[order]
+    start = 0
+    while start < len(order):
+        size = batch_size
+        if max_tokens is not None:
+            width = np.maximum.accumulate(longest[start: start + batch_size])  # [<= batch_size]
+            size = max(1, int((np.arange(1, len(width) + 1) * width <= max_tokens).sum()))
+        b = windows.batch(order[start: start + size], trim=trim)
+        start += size
         yield b.pin_memory() if pin_memory else b
 
 

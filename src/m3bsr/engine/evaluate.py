@@ -2,7 +2,7 @@
 
 * ``sampled``: rank the positive among the stored candidates (``batch.candidates``, positive first).
 * ``full``: rank the positive against the whole catalogue, item chunk by item chunk
-  (``model.score(reps, items=chunk)``, ``cfg.item_chunk`` items at a time), masking padding item 0
+  (``cfg.item_chunk`` items at a time, :func:`full_ranks`), masking padding item 0
   and ``batch.exclude_items`` (the positive is never masked). Counts are accumulated per chunk, so
   memory is bounded by ``batch_size x item_chunk`` scores and there is no Python loop over users.
 
@@ -21,6 +21,7 @@ from torch import Tensor
 from m3bsr.config import EvalConfig
 from m3bsr.data.batches import WindowArrays, iterate_batches
 from m3bsr.engine.metrics import metrics_from_ranks
+from m3bsr.models.base import SequentialRecommender
 
 PROTOCOLS = ("sampled", "full")
 
@@ -32,65 +33,85 @@ def _flatten_queries(reps: Tensor, batch) -> tuple[Tensor, Tensor, Tensor]:
     return reps[mask][:, None, :], batch.labels[mask], rows
 
 
+def _check_candidates(cand: Tensor, labels: Tensor) -> None:
+    if not bool((cand[:, 0] == labels).all()):
+        raise ValueError("sampled candidates must hold the positive in column 0 (see data/prepared.py)")
+
+
+def _sampled_from_scores(scores: Tensor, cand: Tensor, labels: Tensor) -> Tensor:
+    """[N] ranks of column 0 among ``scores`` [N, C] of ``cand`` [N, C]; negatives equal to the
+    positive or padding never count."""
+    counted = (cand[:, 1:] != labels[:, None]) & (cand[:, 1:] != 0)  # [N, C-1]
+    return 1 + ((scores[:, 1:] >= scores[:, :1]) & counted).sum(1)
+
+
 def sampled_ranks(model, reps: Tensor, batch) -> Tensor:
     """[N] pessimistic ranks of the positive among ``batch.candidates`` [B, P, C] (positive first)."""
     mask = batch.query_mask
-    cand = batch.candidates  # [B, P, C]
-    labels = batch.labels
-    if not bool((cand[..., 0] == labels)[mask].all()):
-        raise ValueError("sampled candidates must hold the positive in column 0 (see data/prepared.py)")
-    scores = model.score(reps, items=cand).float()  # [B, P, C]
-    pos = scores[..., :1]  # [B, P, 1]
-    # Negatives equal to the positive or padding never count.
-    counted = (cand[..., 1:] != labels[..., None]) & (cand[..., 1:] != 0)  # [B, P, C-1]
-    beats = ((scores[..., 1:] >= pos) & counted).sum(-1)  # [B, P]
-    return 1 + beats[mask]
+    cand, labels = batch.candidates[mask], batch.labels[mask]  # [N, C], [N]
+    _check_candidates(cand, labels)
+    scores = model.score(reps[mask][:, None, :], items=cand[:, None, :]).float()[:, 0, :]  # [N, C]
+    return _sampled_from_scores(scores, cand, labels)
 
 
-def _positive_scores(model, reps: Tensor, labels: Tensor, chunk: int) -> Tensor:
-    """[N] score of each positive, computed with exactly the call that scores its chunk.
+def linear_table(model) -> tuple[Tensor, Tensor | None] | None:
+    """``model.output_layer()`` when ``model`` keeps the base linear :meth:`score` (Eq. 23), else None.
 
-    Scoring the positive with the same ``score(reps, items=chunk)`` call as the catalogue makes a
-    tie with an equal-scored item an exact float tie (counted against the positive), not an
-    accident of a different reduction order. One call per distinct chunk, not per user.
+    Evaluation then reads the table once and writes each chunk's scores into one reused buffer;
+    a model that overrides ``score`` is asked chunk by chunk instead.
     """
-    pos = torch.empty(len(labels), device=reps.device, dtype=torch.float32)
-    which = labels // chunk
-    for c in torch.unique(which).tolist():
-        sel = (which == c).nonzero()[:, 0]
-        start = c * chunk
-        items = torch.arange(start, min(start + chunk, model.n_items + 1), device=reps.device)
-        s = model.score(reps[sel], items=items).float()[:, 0, :]  # [n_sel, chunk]
-        pos[sel] = s.gather(1, (labels[sel] - start)[:, None])[:, 0]
-    return pos
+    return model.output_layer() if type(model).score is SequentialRecommender.score else None
 
 
-def full_ranks(model, reps: Tensor, batch, chunk: int) -> Tensor:
+def _chunk_scores(model, q: Tensor, start: int, end: int, table: tuple[Tensor, Tensor | None] | None,
+                  buf: Tensor | None = None) -> Tensor:
+    """[N, end - start] float32 scores of ``q`` [N, d] against items ``start..end-1``, written
+    into ``buf`` (flat, >= N x (end - start)) when the linear ``table`` is given."""
+    if table is None:
+        return model.score(q[:, None, :], items=slice(start, end)).float()[:, 0, :]
+    weight, bias = table
+    out = None if buf is None else buf[: len(q) * (end - start)].view(len(q), end - start)
+    w = weight[start:end].T
+    return torch.mm(q, w, out=out) if bias is None else torch.addmm(bias[start:end], q, w, out=out)
+
+
+def full_ranks(model, reps: Tensor, batch, chunk: int, table: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
     """[N] pessimistic ranks of the positive over items ``1..n_items`` minus ``batch.exclude_items``.
 
-    Padding, excluded items and the positive itself get score -inf in place, so each chunk costs
-    one matmul, one scatter and one in-place compare-and-sum. Chunks of a few thousand items keep
-    the [N, chunk] scores in cache between the matmul and the count.
+    Scores come ``chunk`` items at a time, from ``table`` (:func:`linear_table`) or from
+    ``model.score(reps, items=slice)``: each chunk costs one matmul, one scatter of -inf (padding,
+    excluded items and the positive itself) and one in-place compare-and-sum, on [N, chunk] scores
+    small enough to stay in cache. The positive's score comes from the same function on the same
+    item slice, so a tie with an equal-scored item is an exact float tie (counted against it).
     """
-    q_reps, labels, rows = _flatten_queries(reps, batch)  # [N, 1, d], [N], [N]
+    q, labels, rows = _flatten_queries(reps, batch)  # [N, 1, d], [N], [N]
+    q = q[:, 0, :].float()
     n = len(labels)
     n_all = model.n_items + 1
-    # One chunk (the usual catalogue size): the positive's score comes from the same call below.
-    pos = _positive_scores(model, q_reps, labels, chunk) if n_all > chunk else None  # [N]
-    exclude = batch.exclude_items[rows] if batch.exclude_items is not None else labels.new_zeros(n, 1)  # [N, X]
-    exclude = torch.where(exclude == labels[:, None], 0, exclude)  # the positive is never excluded
-    exclude = torch.cat([exclude, labels[:, None]], 1)  # ... but never counts against itself
+    pos = torch.empty(n, device=reps.device, dtype=torch.float32)
+    which = labels // chunk
+    for c in torch.unique(which).tolist():  # one call per distinct chunk, not per user
+        sel = (which == c).nonzero()[:, 0]
+        start = c * chunk
+        s = _chunk_scores(model, q[sel], start, min(start + chunk, n_all), table)
+        pos[sel] = s.gather(1, (labels[sel] - start)[:, None])[:, 0]
+    # (row, item) pairs never counted, grouped by chunk once: excluded items (never the positive),
+    # the positive itself and the padding item 0.
+    exclude = batch.exclude_items[rows] if batch.exclude_items is not None else labels.new_zeros(n, 0)  # [N, X]
+    r, c = ((exclude != 0) & (exclude != labels[:, None])).nonzero(as_tuple=True)
+    every = torch.arange(n, device=reps.device)
+    item = torch.cat([exclude[r, c], labels, torch.zeros_like(labels)])
+    r = torch.cat([r, every, every])
+    key, order = torch.sort(item // chunk, stable=True)
+    r, item = r[order], item[order]
+    bounds = torch.searchsorted(key, torch.arange(-(-n_all // chunk) + 1, device=key.device)).tolist()
     counts = torch.zeros(n, dtype=torch.float64, device=reps.device)  # float sums of 0/1: exact
-    for start in range(0, n_all, chunk):
-        end = min(start + chunk, n_all)
-        items = torch.arange(start, end, device=reps.device)
-        scores = model.score(q_reps, items=items).float()[:, 0, :]  # [N, C]
-        if pos is None:
-            pos = scores.gather(1, labels[:, None])[:, 0]
-        if start == 0:
-            scores[:, 0] = float("-inf")  # padding
-        r, c = ((exclude >= start) & (exclude < end) & (exclude != 0)).nonzero(as_tuple=True)
-        scores[r, exclude[r, c] - start] = float("-inf")
+    # One buffer for every chunk: a fresh multi-MB tensor per chunk costs page faults on CPU.
+    buf = q.new_empty(n * min(chunk, n_all)) if table is not None else None
+    for k, start in enumerate(range(0, n_all, chunk)):
+        scores = _chunk_scores(model, q, start, min(start + chunk, n_all), table, buf)  # [N, C]
+        lo, hi = bounds[k], bounds[k + 1]
+        scores[r[lo:hi], item[lo:hi] - start] = float("-inf")
         # In place, as 0/1 floats: a float sum is vectorised, a bool → integer sum is ~3x slower on CPU.
         counts += scores.ge_(pos[:, None]).sum(1)
     return 1 + counts.long()
@@ -124,17 +145,20 @@ def evaluate(model, windows: WindowArrays, cfg: EvalConfig, batch_size: int, dev
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and cuda) else nullcontext()
     out: dict[str, list[Tensor]] = {p: [] for p in PROTOCOLS}
     # Neighbours in length share a batch and each batch drops its all-padding columns: on short
-    # e-commerce windows most of the [B, max_len] grid is padding. Ranks are put back in order below.
+    # e-commerce windows most of the [B, max_len] grid is padding. Long windows come in smaller
+    # batches (``cfg.max_tokens``). Ranks are put back in window order below.
     order = windows.length_order()
     try:
-        for batch in iterate_batches(windows, batch_size, pin_memory=cuda, order=order, trim=True):
+        table = linear_table(model)  # read once: the model does not change during evaluation
+        for batch in iterate_batches(windows, batch_size, pin_memory=cuda, order=order, trim=True,
+                                     max_tokens=cfg.max_tokens):
             batch = batch.to(device, non_blocking=cuda)
             with autocast:
                 reps = model.represent(batch)
             reps = reps.float()
             if batch.candidates is not None:
                 out["sampled"].append(sampled_ranks(model, reps, batch).cpu())
-            out["full"].append(full_ranks(model, reps, batch, cfg.item_chunk).cpu())
+            out["full"].append(full_ranks(model, reps, batch, cfg.item_chunk, table).cpu())
     finally:
         model.train(was_training)
     ranks = {p: _unpermute(torch.cat(v).numpy().astype(np.int64), windows, order) if v else np.zeros(0, np.int64)

@@ -46,11 +46,14 @@ class SequentialRecommender(nn.Module):
         raise NotImplementedError
 
     # --- shared behaviour -----------------------------------------------------------------------
-    def score(self, reps: Tensor, items: Tensor | None = None) -> Tensor:
-        """Raw scores of ``reps`` [B, P, d] against all items or ``items`` ([C] or [B, P, C])."""
+    def score(self, reps: Tensor, items: Tensor | slice | None = None) -> Tensor:
+        """Raw scores of ``reps`` [B, P, d] against all items or ``items``: ids [C] or [B, P, C], or
+        a ``slice`` of item ids (a contiguous catalogue chunk, read without a copy) → [B, P, C]."""
         weight, bias = self.output_layer()
         if items is None:
             return F.linear(reps, weight, bias)  # [B, P, I+1]
+        if isinstance(items, slice):
+            return F.linear(reps, weight[items], bias[items] if bias is not None else None)
         if items.dim() == 1:
             b = bias[items] if bias is not None else None
             return F.linear(reps, weight[items], b)  # [B, P, C]

@@ -55,8 +55,8 @@ class ConditionalDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Tensor, mask: Tensor) -> Tensor:
         G, N, L, d = x_t.shape
-        if t.dim() == 2:
-            t = t.unsqueeze(-1).expand(G, N, L)
+        if t.dim() == 2:  # one step per sequence: embed [G, N, 1] and broadcast over the L tokens
+            t = t.unsqueeze(-1)
         q = x_t + self.time(timestep_embedding(t, d).to(x_t.dtype))  # [G, N, L, d]
         mask = mask.expand(G, N, L, cond.shape[2])
         if self.null is None:

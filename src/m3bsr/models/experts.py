@@ -22,10 +22,11 @@ from torch import Tensor, nn
 
 from m3bsr.batch import PAD_TIME
 from m3bsr.models.layers import (GroupedTransformerBlock, TransformerBlock, TransformerEncoder,
-                                 gather_latest_before, latest_index_before, time_mask)
+                                 latest_index_before, run_blocks, take_rows, time_mask)
 
 
 MIN_BUCKET = 16  # windows per length group: smaller groups cost more in call overhead than they save
+MIN_SAVING = 0.25  # split into length groups only if that removes at least this share of the padded tokens
 
 
 class MultiExpertInterestExtractor(nn.Module):
@@ -65,7 +66,8 @@ class MultiExpertInterestExtractor(nn.Module):
 
         Speed: windows are sorted by real length and run in up to ``length_buckets`` equal groups,
         each trimmed to its longest window (every window is independent here and padding is masked,
-        so the result is the same; most windows are far shorter than the longest of a batch).
+        so the result is the same; most windows of a random batch are far shorter than its longest).
+        A batch whose groups would save less than ``MIN_SAVING`` of the padded tokens runs whole.
         """
         B, L = aux_times.shape
         k = min(self.length_buckets, B // MIN_BUCKET)
@@ -73,8 +75,12 @@ class MultiExpertInterestExtractor(nn.Module):
             return self._experts(aux, tgt, aux_times, tgt_times, query_times)
         length = torch.maximum((aux_times < PAD_TIME).sum(1), (tgt_times < PAD_TIME).sum(1))  # [B]
         order = torch.argsort(length, stable=True)
+        groups = torch.tensor_split(order, k)
+        padded = sum(len(idx) * max(int(length[idx[-1]]), 1) for idx in groups)
+        if padded > (1 - MIN_SAVING) * B * L:  # e.g. a length-sorted evaluation batch: not worth the calls
+            return self._experts(aux, tgt, aux_times, tgt_times, query_times)
         parts = []
-        for idx in torch.tensor_split(order, k):  # a loop over <= length_buckets groups, not users
+        for idx in groups:  # a loop over <= length_buckets groups, not users
             n = max(int(length[idx].max()), 1)
             parts.append(self._experts({m: x[idx, :n] for m, x in aux.items()},
                                        {m: x[idx, :n] for m, x in tgt.items()},
@@ -83,9 +89,17 @@ class MultiExpertInterestExtractor(nn.Module):
 
     def _experts(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor, tgt_times: Tensor,
                  query_times: Tensor) -> Tensor:
-        """:meth:`forward` for one group of windows (no bucketing)."""
+        """:meth:`forward` for one group of windows (no bucketing).
+
+        In eval mode with fewer queries than tokens, the last layer of each expert computes only the
+        rows its queries read (:func:`run_blocks`); training runs every row, as before.
+        """
         B, L, d = aux[self.modalities[0]].shape
         M = len(self.modalities)
+        P = query_times.shape[1]
+        idx_a, found_a = latest_index_before(aux_times, query_times)  # [B, P]: the row each query reads
+        idx_t, found_t = latest_index_before(tgt_times, query_times)
+        rows_only = not self.training and P < L
         x = torch.stack([torch.stack([aux[m] for m in self.modalities]),
                          torch.stack([tgt[m] for m in self.modalities])])  # [2, M, B, L, d]
         masks = torch.stack([time_mask(aux_times, aux_times, strict=False),
@@ -93,33 +107,41 @@ class MultiExpertInterestExtractor(nn.Module):
         if self.share_specific:  # click and favor of a modality go through the same weights
             h = x.transpose(0, 1).reshape(M, 2 * B, L, d)  # [M, 2B, L, d]
             mask = masks.reshape(1, 2 * B, L, L)
+            rows = torch.cat([idx_a, idx_t]).expand(M, 2 * B, P)
         else:
             h = x.reshape(2 * M, B, L, d)  # [2M, B, L, d]
             mask = masks.repeat_interleave(M, 0)  # [2M, B, L, L]
-        for block in self.specific:  # Eq. 18-19
-            h = block(h, mask)
-        h = h.view(M, 2, B, L, d).transpose(0, 1) if self.share_specific else h.view(2, M, B, L, d)
-        per_stream = h.permute(0, 2, 3, 1, 4).reshape(2, B, L, M * d)  # [2, B, L, M·d]
+            rows = torch.stack([idx_a, idx_t]).repeat_interleave(M, 0)  # [2M, B, P]
+        if rows_only:  # Eq. 18-19 at the query rows → [G, N, P, d]
+            h = run_blocks(self.specific, h, mask, rows)
+        else:  # Eq. 18-19 everywhere, then read the query rows
+            h = take_rows(run_blocks(self.specific, h, mask), rows)
+        h = h.view(M, 2, B, P, d).transpose(0, 1) if self.share_specific else h.view(2, M, B, P, d)
+        per_stream = h.permute(0, 2, 3, 1, 4).reshape(2, B, P, M * d)  # [2, B, P, M·d]
         null = self.null[: 2 * M].view(2, M * d)
-        pooled = [gather_latest_before(per_stream[0], aux_times, query_times, null[0]),
-                  gather_latest_before(per_stream[1], tgt_times, query_times, null[1])]  # [B, P, M·d] each
-        experts = torch.cat(pooled, -1).view(*query_times.shape, 2 * M, d)  # [B, P, 2M, d]
+        pooled = [_or_null(per_stream[0], found_a, null[0]), _or_null(per_stream[1], found_t, null[1])]
+        experts = torch.cat(pooled, -1).view(B, P, 2 * M, d)  # [B, P, 2M, d]
         if self.use_common:
-            common = self._common(x[0], x[1], aux_times, tgt_times)  # [B, L, d]
-            c = gather_latest_before(common, aux_times, query_times, self.null[-1])  # [B, P, d]
+            common = self._common(x[0], x[1], aux_times, tgt_times, idx_a if rows_only else None)
+            if not rows_only:
+                common = take_rows(common, idx_a)
+            c = _or_null(common, found_a, self.null[-1])  # [B, P, d]
             experts = torch.cat([experts, c.unsqueeze(2)], 2)  # [B, P, 2M+1, d]
         return experts
 
-    def _common(self, aux: Tensor, tgt: Tensor, aux_times: Tensor, tgt_times: Tensor) -> Tensor:
-        """Common expert (Eq. 16-17): ``aux``, ``tgt`` [M, B, L, d] → per auxiliary event [B, L, d]."""
+    def _common(self, aux: Tensor, tgt: Tensor, aux_times: Tensor, tgt_times: Tensor,
+                rows: Tensor | None = None) -> Tensor:
+        """Common expert (Eq. 16-17): ``aux``, ``tgt`` [M, B, L, d] → per auxiliary event [B, L, d],
+        or only at the auxiliary events ``rows`` [B, R] → [B, R, d]."""
         M, B, L, d = aux.shape
         q = aux.permute(1, 2, 0, 3).reshape(B, L * M, d)  # [B, L·M, d], event-major
         kv = tgt.permute(1, 2, 0, 3).reshape(B, L * M, d)
         qt = aux_times.repeat_interleave(M, 1)  # [B, L·M]
         kt = tgt_times.repeat_interleave(M, 1)
         share = self.cross(q, time_mask(qt, kt, strict=True), kv=kv)  # Eq. 16
-        h = self.common(share, time_mask(qt, qt, strict=False))  # Eq. 17
-        return h.view(B, L, M, d).mean(2)
+        tokens = None if rows is None else (rows.unsqueeze(-1) * M + torch.arange(M, device=rows.device)).flatten(1)
+        h = self.common(share, time_mask(qt, qt, strict=False), tokens)  # Eq. 17
+        return h.view(B, -1, M, d).mean(2)
 
     # ------------------------------------------------------------------------------ fusion
     def fuse(self, experts: Tensor) -> Tensor:
@@ -174,6 +196,11 @@ class MultiExpertInterestExtractor(nn.Module):
         pos = s_user.masked_fill(eye, float("-inf"))  # other vectors of the same user
         every = torch.cat([pos, s_type], -1)
         return (torch.logsumexp(every, -1) - torch.logsumexp(pos, -1)).mean()
+
+
+def _or_null(x: Tensor, found: Tensor, null: Tensor) -> Tensor:
+    """``x`` [B, P, d] where ``found`` [B, P], else the learned ``null`` [d] (pooling DECIDED)."""
+    return torch.where(found.unsqueeze(-1), x, null.to(x.dtype).expand_as(x))
 
 
 def causal_mean_pool(x: Tensor, times: Tensor, query_times: Tensor) -> Tensor:

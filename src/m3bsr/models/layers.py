@@ -144,6 +144,35 @@ class TransformerBlock(nn.Module):
         return self.ln2(x + self.drop(self.ffn(x)))
 
 
+def take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x`` [*S, L, ...] at token indices ``rows`` [*S, R] along the token axis → [*S, R, ...].
+
+    ``x`` may have size 1 in a leading axis where ``rows`` does not (a shared mask).
+    """
+    lead = rows.shape[:-1]
+    index = [torch.arange(n, device=rows.device).view(*([1] * i), n, *([1] * (len(lead) - i)))
+             if x.shape[i] == n else torch.zeros((1,) * (len(lead) + 1), dtype=torch.long, device=rows.device)
+             for i, n in enumerate(lead)]
+    return x[(*index, rows)]
+
+
+def run_blocks(blocks, x: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Self-attention ``blocks`` over ``x`` [*S, L, d] with ``mask`` [*S, L, L] → [*S, L, d].
+
+    With ``rows`` [*S, R]: only those output rows, [*S, R, d]. The last block then computes just
+    them, with the full previous layer as keys (exact: a post-LN block is row-wise apart from its
+    attention keys). Inference only needs the rows read at the queries, a few per window.
+    """
+    blocks = list(blocks)
+    if rows is None or not blocks:
+        for block in blocks:
+            x = block(x, mask)
+        return x if rows is None else take_rows(x, rows)
+    for block in blocks[:-1]:
+        x = block(x, mask)
+    return blocks[-1](take_rows(x, rows), take_rows(mask, rows), kv=x)
+
+
 class TransformerEncoder(nn.Module):
     """A stack of self-attention :class:`TransformerBlock` s sharing one mask [B, L, L]."""
 
@@ -151,10 +180,9 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(d, n_heads, dropout) for _ in range(n_layers))
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        for block in self.blocks:
-            x = block(x, mask)
-        return x
+    def forward(self, x: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
+        """``x`` [B, L, d], ``mask`` [B, L, L] → [B, L, d], or [B, R, d] at ``rows`` [B, R] (:func:`run_blocks`)."""
+        return run_blocks(self.blocks, x, mask, rows)
 
 
 def merge_by_time(aux_items: Tensor, aux_behaviors: Tensor, aux_times: Tensor, tgt_items: Tensor,

@@ -66,10 +66,12 @@ class MMSASRec(SASRec):
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
         return self.item_vectors(torch.arange(self.n_items + 1, device=self.item_emb.weight.device)), None
 
-    def score(self, reps: Tensor, items: Tensor | None = None) -> Tensor:
+    def score(self, reps: Tensor, items: Tensor | slice | None = None) -> Tensor:
         """Fuses only the scored items (a catalogue chunk or candidates), not the whole catalogue."""
         if items is None:
             return F.linear(reps, self.output_layer()[0])  # [B, P, I+1]
+        if isinstance(items, slice):
+            items = torch.arange(self.n_items + 1, device=reps.device)[items]
         if items.dim() == 1:
             return F.linear(reps, self.item_vectors(items))  # [B, P, C]
         return torch.einsum("bpd,bpcd->bpc", reps, self.item_vectors(items))  # [B, P, C]

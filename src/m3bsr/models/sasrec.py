@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import TransformerEncoder, gather_latest_before, merge_by_time, time_mask
+from m3bsr.models.layers import TransformerEncoder, latest_index_before, merge_by_time, take_rows, time_mask
 
 InputMode = Literal["merged", "target"]
 
@@ -100,19 +100,19 @@ class SASRec(SequentialRecommender):
         """Input (and output) vector of each item id: [...] → [..., d]."""
         return self.item_emb(items)
 
-    def encode(self, batch: SequenceBatch) -> tuple[Tensor, Tensor]:
-        """Hidden states [B, L, d] and token times [B, L]; token i sees tokens with time <= its own."""
+    def represent(self, batch: SequenceBatch) -> Tensor:
+        """[B, P, d]. Token i sees tokens with time <= its own; a query reads the latest token
+        before it. In eval mode with fewer queries than tokens, the last layer computes only those rows."""
         items, _, times = sequence_input(batch, self.cfg.input, self.target_behavior)
         B, L = items.shape
         check_positions(L, self.cfg.max_positions, "sasrec")
         pos = self.pos_emb(torch.arange(L, device=items.device))  # [L, d]
         x = self.emb_ln(self.emb_drop(self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos))  # [B, L, d]
-        h = self.encoder(x, time_mask(times, times, strict=False))  # [B, L, d]
-        return h, times
-
-    def represent(self, batch: SequenceBatch) -> Tensor:
-        h, times = self.encode(batch)
-        return gather_latest_before(h, times, batch.query_times, self.null)  # [B, P, d]
+        index, found = latest_index_before(times, batch.query_times)  # [B, P]
+        rows_only = not self.training and index.shape[1] < L
+        h = self.encoder(x, time_mask(times, times, strict=False), index if rows_only else None)
+        h = h if rows_only else take_rows(h, index)  # [B, P, d]
+        return torch.where(found.unsqueeze(-1), h, self.null.to(h.dtype).expand_as(h))
 
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
         return self.item_emb.weight, None
