@@ -66,18 +66,19 @@ def _count_groups(monkeypatch) -> list[int]:
     return calls
 
 
-def test_buckets_only_when_they_save_padding(monkeypatch):
-    """A batch of windows of equal length (like a length-sorted evaluation batch) runs as one group."""
+def test_equal_length_batch_runs_as_one_group_at_inference(monkeypatch):
+    """Buckets that would save no padding are skipped in eval mode, kept in training."""
     batch = make_batch(B=70, L=12, seed=5)
-    model = make_model("model.length_buckets=4").eval()
-    groups = _count_groups(monkeypatch)
     same = type(batch)(**{k: (v[:1].expand(70, *v.shape[1:]).contiguous() if k != "users" else v)
                           for k, v in vars(batch).items() if v is not None})
+    model = make_model("model.length_buckets=4", "model.dropout=0.0")
+    groups = _count_groups(monkeypatch)
     with torch.no_grad():
-        model.represent(batch)
-        model.represent(same)
-    assert groups == [4, 1]
-    assert experts_module.MIN_SAVING > 0
+        model.eval().represent(batch)
+        model.eval().represent(same)
+        model.train().represent(same)
+    assert groups == [4, 1, 4]
+    assert 0 < experts_module.MIN_SAVING < 1
 
 
 @pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: ",".join(x.split(".")[1] for x in o) or "default")

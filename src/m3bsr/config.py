@@ -69,7 +69,7 @@ class EvalConfig(StrictModel):
     )
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
     item_chunk: int = Field(1024, ge=1, description="items scored per chunk in full ranking (bounds memory; "
-                            "a few thousand keeps the scores in cache)")
+                            "~1k keeps the batch x chunk scores in cache)")
     max_tokens: int | None = Field(8192, ge=1, description="an evaluation batch holds at most this many windows x "
                                    "longest window (null: always train.eval_batch_size windows); speed only")
 

@@ -129,7 +129,7 @@ def _unpermute(ranks: np.ndarray, windows: WindowArrays, order: np.ndarray) -> n
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no autograd bookkeeping at all: the outputs are ranks
 def evaluate(model, windows: WindowArrays, cfg: EvalConfig, batch_size: int, device: torch.device | str,
              *, amp: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
     """Evaluate ``model`` on evaluation ``windows`` under both protocols.

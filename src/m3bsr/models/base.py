@@ -7,8 +7,10 @@ The engine, evaluation, comparison and serving know nothing else about a model:
 * ``represent(batch) -> Tensor [B, P, d]``: a user vector per query (``batch.query_times``),
   using only events strictly before each query.
 * ``score(reps, items=None) -> Tensor``: raw scores, ``[B, P, n_items + 1]`` over the whole
-  catalogue (column 0 is padding), or ``[B, P, C]`` for ``items`` of shape ``[C]`` (shared, e.g. a
-  chunk of the catalogue) or ``[B, P, C]`` (per query, e.g. sampled candidates).
+  catalogue (column 0 is padding), or ``[B, P, C]`` for ``items`` of shape ``[C]`` or a ``slice``
+  (shared, e.g. a chunk of the catalogue) or ``[B, P, C]`` (per query, e.g. sampled candidates).
+  The base implementation is linear in ``output_layer()`` (Eq. 23); evaluation then reads that
+  table once. A model may override ``score`` (evaluation then calls it chunk by chunk).
 
 Models return raw scores; the engine masks padding and history and computes metrics.
 """

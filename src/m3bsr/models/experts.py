@@ -26,7 +26,7 @@ from m3bsr.models.layers import (GroupedTransformerBlock, TransformerBlock, Tran
 
 
 MIN_BUCKET = 16  # windows per length group: smaller groups cost more in call overhead than they save
-MIN_SAVING = 0.25  # split into length groups only if that removes at least this share of the padded tokens
+MIN_SAVING = 0.25  # at inference, split into length groups only if that removes this share of the padded tokens
 
 
 class MultiExpertInterestExtractor(nn.Module):
@@ -67,7 +67,10 @@ class MultiExpertInterestExtractor(nn.Module):
         Speed: windows are sorted by real length and run in up to ``length_buckets`` equal groups,
         each trimmed to its longest window (every window is independent here and padding is masked,
         so the result is the same; most windows of a random batch are far shorter than its longest).
-        A batch whose groups would save less than ``MIN_SAVING`` of the padded tokens runs whole.
+        Smaller groups also keep the temporaries in cache: on full ml100k windows, where nothing is
+        trimmed, one group of 256 trains ~1.4x slower than four of 64. At inference (no temporaries
+        kept) a batch whose groups would save less than ``MIN_SAVING`` of its padded tokens, such as
+        a length-sorted evaluation batch, runs as one group.
         """
         B, L = aux_times.shape
         k = min(self.length_buckets, B // MIN_BUCKET)
@@ -77,7 +80,7 @@ class MultiExpertInterestExtractor(nn.Module):
         order = torch.argsort(length, stable=True)
         groups = torch.tensor_split(order, k)
         padded = sum(len(idx) * max(int(length[idx[-1]]), 1) for idx in groups)
-        if padded > (1 - MIN_SAVING) * B * L:  # e.g. a length-sorted evaluation batch: not worth the calls
+        if not self.training and padded > (1 - MIN_SAVING) * B * L:
             return self._experts(aux, tgt, aux_times, tgt_times, query_times)
         parts = []
         for idx in groups:  # a loop over <= length_buckets groups, not users
