@@ -54,28 +54,33 @@ def sampled_ranks(model, reps: Tensor, batch) -> Tensor:
     return _sampled_from_scores(scores, cand, labels)
 
 
-def linear_table(model) -> tuple[Tensor, Tensor | None] | None:
-    """``model.output_layer()`` when ``model`` keeps the base linear :meth:`score` (Eq. 23), else None.
+def linear_table(model) -> Tensor | None:
+    """[n_items + 1, d (+ 1)] float32: ``model.output_layer()`` with the bias, if any, as a last
+    column (Eq. 23 as one matmul: ``[q, 1] @ [W, b].T``), when ``model`` keeps the base linear
+    :meth:`score`; else None.
 
-    Evaluation then reads the table once and writes each chunk's scores into one reused buffer;
-    a model that overrides ``score`` is asked chunk by chunk instead.
+    Evaluation reads the table once and writes each chunk's scores into one reused buffer (a
+    separate bias add costs a quarter of the matmul); a model that overrides ``score`` is asked
+    chunk by chunk instead.
     """
-    return model.output_layer() if type(model).score is SequentialRecommender.score else None
+    if type(model).score is not SequentialRecommender.score:
+        return None
+    weight, bias = model.output_layer()
+    weight = weight.float()
+    return weight if bias is None else torch.cat([weight, bias.float()[:, None]], 1)
 
 
-def _chunk_scores(model, q: Tensor, start: int, end: int, table: tuple[Tensor, Tensor | None] | None,
-                  buf: Tensor | None = None) -> Tensor:
-    """[N, end - start] float32 scores of ``q`` [N, d] against items ``start..end-1``, written
-    into ``buf`` (flat, >= N x (end - start)) when the linear ``table`` is given."""
+def _chunk_scores(model, q: Tensor, start: int, end: int, table: Tensor | None, buf: Tensor | None = None) -> Tensor:
+    """[N, end - start] float32 scores of ``q`` [N, d] against items ``start..end-1``. With the
+    linear ``table``, ``q`` carries the table's width ([q, 1] when it holds a bias) and the scores
+    are written into ``buf`` (flat, >= N x (end - start))."""
     if table is None:
         return model.score(q[:, None, :], items=slice(start, end)).float()[:, 0, :]
-    weight, bias = table
     out = None if buf is None else buf[: len(q) * (end - start)].view(len(q), end - start)
-    w = weight[start:end].T
-    return torch.mm(q, w, out=out) if bias is None else torch.addmm(bias[start:end], q, w, out=out)
+    return torch.mm(q, table[start:end].T, out=out)
 
 
-def full_ranks(model, reps: Tensor, batch, chunk: int, table: tuple[Tensor, Tensor | None] | None = None) -> Tensor:
+def full_ranks(model, reps: Tensor, batch, chunk: int, table: Tensor | None = None) -> Tensor:
     """[N] pessimistic ranks of the positive over items ``1..n_items`` minus ``batch.exclude_items``.
 
     Scores come ``chunk`` items at a time, from ``table`` (:func:`linear_table`) or from
@@ -86,6 +91,8 @@ def full_ranks(model, reps: Tensor, batch, chunk: int, table: tuple[Tensor, Tens
     """
     q, labels, rows = _flatten_queries(reps, batch)  # [N, 1, d], [N], [N]
     q = q[:, 0, :].float()
+    if table is not None and table.shape[1] > q.shape[1]:  # the bias column
+        q = torch.cat([q, q.new_ones(len(q), 1)], 1)
     n = len(labels)
     n_all = model.n_items + 1
     pos = torch.empty(n, device=reps.device, dtype=torch.float32)
