@@ -41,8 +41,9 @@ def _config(spec: dict):
 
     sets = [f"model.hidden_size={spec['d']}", f"data.max_len={spec['L']}",
             f"train.batch_size={spec.get('batch', 256)}", f"train.device={spec['device']}",
-            f"train.compile={str(spec.get('compile', False)).lower()}", "train.amp=true",
-            f"eval.item_chunk={spec.get('item_chunk', 2048)}"]
+            f"train.compile={str(spec.get('compile', False)).lower()}", "train.amp=true"]
+    if "item_chunk" in spec:
+        sets.append(f"eval.item_chunk={spec['item_chunk']}")
     if spec["model"] in ("m3bsr", "sasrec"):
         sets.append(f"model.max_positions={max(200, 2 * spec['L'])}")
     return build_config(model=spec["model"], overrides=sets + list(spec.get("set", [])))
@@ -126,7 +127,8 @@ def latency(spec: dict) -> dict:
     cfg = _config(spec)
     ds = PreparedDataset.load(spec["dataset"])
     torch.manual_seed(0)
-    rec = Recommender(build_model(cfg.model, ds.catalogue()), cfg, ds, device=spec["device"])
+    rec = Recommender(build_model(cfg.model, ds.catalogue()), cfg, ds, device=spec["device"],
+                      compile=spec.get("compile", False))
     rng = np.random.default_rng(0)
     users = rng.integers(1, ds.n_users + 1, spec["calls"] + 10)
     histories = [user_history(rec.builder, int(u)) for u in users]

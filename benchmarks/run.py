@@ -132,7 +132,8 @@ def run(args, save) -> dict:
     save(res)
     if "latency" in want:
         res["latency"] = {m: worker(dict(kind="latency", model=m, d=64, L=args.L, dataset=str(data["tmall_like"]),
-                                         device=args.device, threads=1, calls=30 if args.quick else 200), log)
+                                         device=args.device, threads=1, calls=30 if args.quick else 200,
+                                         compile=args.compile), log)
                           for m in ("sasrec", "m3bsr")}
     save(res)
     if not args.quick and not args.no_curves and "curves" in want:
@@ -188,7 +189,8 @@ def table(res: dict) -> str:
             lines.append(f"{key:<24} FAILED: {r['error']}")
             continue
         lines.append(f"{key:<24}{r['users']:>7}{r['items']:>10}{r['users_per_s']:>10.0f}{r['peak_rss_mb']:>8.0f}")
-    lines += ["", "single-user top-10 latency (Recommender.top_k, 1 thread)"]
+    compiled = ", torch.compile" if res["meta"].get("compile") else ""
+    lines += ["", f"single-user top-10 latency (Recommender.top_k, 1 thread{compiled})"]
     for model, r in res["latency"].items():
         lines.append(f"  {model:<8} p50 {r.get('p50_ms', float('nan')):.2f} ms  p99 {r.get('p99_ms', float('nan')):.2f} ms")
     if "curves" in res:
@@ -241,7 +243,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="timed steps per training run (full mode)")
     p.add_argument("--rounds", type=int, default=2, help="alternating sasrec/m3bsr rounds (full mode)")
-    p.add_argument("--compile", action="store_true", help="train.compile=true (torch.compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile: train.compile=true, and the Recommender of the latency rows")
     p.add_argument("--no-curves", action="store_true")
     p.add_argument("--only", default="", help="comma-separated sections: train,eval,latency,curves")
     p.add_argument("--curve-batch", type=int, default=64, help="batch size of the scaling-curve runs")
@@ -255,7 +258,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = ("-quick" if args.quick else "") + (f"-{args.device}" if args.device != "cpu" else "") + \
-        (f"-{args.only.replace(',', '-')}" if args.only else "")
+        (f"-{args.only.replace(',', '-')}" if args.only else "") + ("-compile" if args.compile else "")
     stem = out / f"{socket.gethostname()}-{dt.date.today().isoformat()}{suffix}"
     res = run(args, save=lambda partial: write_json(stem.with_suffix(".partial.json"), partial))
     stem.with_suffix(".partial.json").unlink(missing_ok=True)

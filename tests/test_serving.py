@@ -165,6 +165,21 @@ def test_raw_history_equals_known_user_and_batching_does_not_change_results(sasr
     assert len({tuple(r.item for r in x) for x in together}) > 1  # SASRec personalises
 
 
+@pytest.mark.slow
+def test_compiled_recommender_matches_eager(runs):
+    """``compile=True`` (``m3bsr serve --compile``): compiled at construction, same answers."""
+    eager = Recommender.from_run(runs["sasrec"])
+    compiled = Recommender.from_run(runs["sasrec"], compile=True)
+    assert compiled._represent is not compiled.model.represent
+    users = [f"u{i}" for i in range(1, 13)]
+    for batch in ([users[0]], users[:5], users):  # one, a few, and a new batch size
+        want = eager.recommend_users(batch, k=10)
+        got = compiled.recommend_users(batch, k=10)
+        assert [[r.item for r in x] for x in got] == [[r.item for r in x] for x in want]
+        np.testing.assert_allclose([r.score for x in got for r in x], [r.score for x in want for r in x],
+                                   rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------- CLI
 
 

@@ -99,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         flag = "--" + str(first["loc"][0]).replace("_", "-")
         raise input_error(f"{flag} {first['input']}", first["msg"], "See m3bsr serve --help") from None
     torch.set_num_threads(threads)
-    app = create_app(Recommender.from_run(args.run_dir), batching)
+    app = create_app(Recommender.from_run(args.run_dir, compile=args.compile), batching)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                 access_log=not args.quiet)
     return 0
