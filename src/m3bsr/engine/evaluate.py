@@ -33,25 +33,16 @@ def _flatten_queries(reps: Tensor, batch) -> tuple[Tensor, Tensor, Tensor]:
     return reps[mask][:, None, :], batch.labels[mask], rows
 
 
-def _check_candidates(cand: Tensor, labels: Tensor) -> None:
-    if not bool((cand[:, 0] == labels).all()):
-        raise ValueError("sampled candidates must hold the positive in column 0 (see data/prepared.py)")
-
-
-def _sampled_from_scores(scores: Tensor, cand: Tensor, labels: Tensor) -> Tensor:
-    """[N] ranks of column 0 among ``scores`` [N, C] of ``cand`` [N, C]; negatives equal to the
-    positive or padding never count."""
-    counted = (cand[:, 1:] != labels[:, None]) & (cand[:, 1:] != 0)  # [N, C-1]
-    return 1 + ((scores[:, 1:] >= scores[:, :1]) & counted).sum(1)
-
-
 def sampled_ranks(model, reps: Tensor, batch) -> Tensor:
     """[N] pessimistic ranks of the positive among ``batch.candidates`` [B, P, C] (positive first)."""
     mask = batch.query_mask
     cand, labels = batch.candidates[mask], batch.labels[mask]  # [N, C], [N]
-    _check_candidates(cand, labels)
+    if not bool((cand[:, 0] == labels).all()):
+        raise ValueError("sampled candidates must hold the positive in column 0 (see data/prepared.py)")
     scores = model.score(reps[mask][:, None, :], items=cand[:, None, :]).float()[:, 0, :]  # [N, C]
-    return _sampled_from_scores(scores, cand, labels)
+    # Negatives equal to the positive or padding never count.
+    counted = (cand[:, 1:] != labels[:, None]) & (cand[:, 1:] != 0)  # [N, C-1]
+    return 1 + ((scores[:, 1:] >= scores[:, :1]) & counted).sum(1)
 
 
 def linear_table(model) -> Tensor | None:
