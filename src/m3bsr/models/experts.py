@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import PAD_TIME
 from m3bsr.models.layers import (GroupedTransformerBlock, TransformerBlock, TransformerEncoder,
-                                 latest_index_before, run_blocks, take_rows, time_mask)
+                                 latest_index_before, or_null, run_blocks, take_rows, time_mask)
 
 
 MIN_BUCKET = 16  # windows per length group: smaller groups cost more in call overhead than they save
@@ -79,8 +79,8 @@ class MultiExpertInterestExtractor(nn.Module):
         length = torch.maximum((aux_times < PAD_TIME).sum(1), (tgt_times < PAD_TIME).sum(1))  # [B]
         order = torch.argsort(length, stable=True)
         groups = torch.tensor_split(order, k)
-        padded = sum(len(idx) * max(int(length[idx[-1]]), 1) for idx in groups)
-        if not self.training and padded > (1 - MIN_SAVING) * B * L:
+        if not self.training and sum(len(idx) * max(int(length[idx[-1]]), 1) for idx in groups) \
+                > (1 - MIN_SAVING) * B * L:  # the groups would save little padding
             return self._experts(aux, tgt, aux_times, tgt_times, query_times)
         parts = []
         for idx in groups:  # a loop over <= length_buckets groups, not users
@@ -122,13 +122,13 @@ class MultiExpertInterestExtractor(nn.Module):
         h = h.view(M, 2, B, P, d).transpose(0, 1) if self.share_specific else h.view(2, M, B, P, d)
         per_stream = h.permute(0, 2, 3, 1, 4).reshape(2, B, P, M * d)  # [2, B, P, M·d]
         null = self.null[: 2 * M].view(2, M * d)
-        pooled = [_or_null(per_stream[0], found_a, null[0]), _or_null(per_stream[1], found_t, null[1])]
+        pooled = [or_null(per_stream[0], found_a, null[0]), or_null(per_stream[1], found_t, null[1])]
         experts = torch.cat(pooled, -1).view(B, P, 2 * M, d)  # [B, P, 2M, d]
         if self.use_common:
             common = self._common(x[0], x[1], aux_times, tgt_times, idx_a if rows_only else None)
             if not rows_only:
                 common = take_rows(common, idx_a)
-            c = _or_null(common, found_a, self.null[-1])  # [B, P, d]
+            c = or_null(common, found_a, self.null[-1])  # [B, P, d]
             experts = torch.cat([experts, c.unsqueeze(2)], 2)  # [B, P, 2M+1, d]
         return experts
 
@@ -199,11 +199,6 @@ class MultiExpertInterestExtractor(nn.Module):
         pos = s_user.masked_fill(eye, float("-inf"))  # other vectors of the same user
         every = torch.cat([pos, s_type], -1)
         return (torch.logsumexp(every, -1) - torch.logsumexp(pos, -1)).mean()
-
-
-def _or_null(x: Tensor, found: Tensor, null: Tensor) -> Tensor:
-    """``x`` [B, P, d] where ``found`` [B, P], else the learned ``null`` [d] (pooling DECIDED)."""
-    return torch.where(found.unsqueeze(-1), x, null.to(x.dtype).expand_as(x))
 
 
 def causal_mean_pool(x: Tensor, times: Tensor, query_times: Tensor) -> Tensor:

@@ -40,7 +40,12 @@ def gather_latest_before(x: Tensor, times: Tensor, query_times: Tensor, null: Te
     """
     index, found = latest_index_before(times, query_times)
     out = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, P, d]
-    return torch.where(found.unsqueeze(-1), out, null.to(out.dtype).expand_as(out))
+    return or_null(out, found, null)
+
+
+def or_null(x: Tensor, found: Tensor, null: Tensor) -> Tensor:
+    """``x`` [B, P, d] where ``found`` [B, P], else the learned ``null`` vector [d]."""
+    return torch.where(found.unsqueeze(-1), x, null.to(x.dtype).expand_as(x))
 
 
 class _MaskedScale(torch.autograd.Function):

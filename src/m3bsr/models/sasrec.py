@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import TransformerEncoder, latest_index_before, merge_by_time, take_rows, time_mask
+from m3bsr.models.layers import (TransformerEncoder, latest_index_before, merge_by_time, or_null, take_rows,
+                                 time_mask)
 
 InputMode = Literal["merged", "target"]
 
@@ -112,7 +113,7 @@ class SASRec(SequentialRecommender):
         rows_only = not self.training and index.shape[1] < L
         h = self.encoder(x, time_mask(times, times, strict=False), index if rows_only else None)
         h = h if rows_only else take_rows(h, index)  # [B, P, d]
-        return torch.where(found.unsqueeze(-1), h, self.null.to(h.dtype).expand_as(h))
+        return or_null(h, found, self.null)
 
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
         return self.item_emb.weight, None
