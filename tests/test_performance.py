@@ -90,12 +90,14 @@ def test_eval_rows_only_last_layer_equals_all_rows(overrides, monkeypatch):
     model = make_model(*overrides, "model.dropout=0.0")
     seen = []
     original = experts_module.run_blocks
-    monkeypatch.setattr(experts_module, "run_blocks",
-                        lambda blocks, x, mask, rows=None: seen.append(rows is not None) or original(blocks, x, mask, rows))
+    monkeypatch.setattr(experts_module, "run_blocks", lambda blocks, x, mask, rows=None, last_only=True: seen.append(
+        rows is not None and last_only) or original(blocks, x, mask, rows, last_only=last_only))
     with torch.no_grad():
         rows_only = model.eval().represent(batch)
         assert all(seen) and (seen or overrides == ("model.no_meie=true",))
+        seen.clear()
         all_rows = model.train().represent(batch)
+        assert not any(seen)  # training computes every row
     mask = batch.query_mask
     assert torch.allclose(rows_only[mask], all_rows[mask], atol=1e-5, rtol=1e-4)
 

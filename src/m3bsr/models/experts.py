@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import PAD_TIME
 from m3bsr.models.layers import (GroupedTransformerBlock, TransformerBlock, TransformerEncoder,
-                                 latest_index_before, or_null, run_blocks, take_rows, time_mask)
+                                 latest_index_before, or_null, run_blocks, time_mask)
 
 
 MIN_BUCKET = 16  # windows per length group: smaller groups cost more in call overhead than they save
@@ -115,35 +115,30 @@ class MultiExpertInterestExtractor(nn.Module):
             h = x.reshape(2 * M, B, L, d)  # [2M, B, L, d]
             mask = masks.repeat_interleave(M, 0)  # [2M, B, L, L]
             rows = torch.stack([idx_a, idx_t]).repeat_interleave(M, 0)  # [2M, B, P]
-        if rows_only:  # Eq. 18-19 at the query rows → [G, N, P, d]
-            h = run_blocks(self.specific, h, mask, rows)
-        else:  # Eq. 18-19 everywhere, then read the query rows
-            h = take_rows(run_blocks(self.specific, h, mask), rows)
+        h = run_blocks(self.specific, h, mask, rows, last_only=rows_only)  # Eq. 18-19 → [G, N, P, d]
         h = h.view(M, 2, B, P, d).transpose(0, 1) if self.share_specific else h.view(2, M, B, P, d)
         per_stream = h.permute(0, 2, 3, 1, 4).reshape(2, B, P, M * d)  # [2, B, P, M·d]
         null = self.null[: 2 * M].view(2, M * d)
         pooled = [or_null(per_stream[0], found_a, null[0]), or_null(per_stream[1], found_t, null[1])]
         experts = torch.cat(pooled, -1).view(B, P, 2 * M, d)  # [B, P, 2M, d]
         if self.use_common:
-            common = self._common(x[0], x[1], aux_times, tgt_times, idx_a if rows_only else None)
-            if not rows_only:
-                common = take_rows(common, idx_a)
-            c = or_null(common, found_a, self.null[-1])  # [B, P, d]
+            common = self._common(x[0], x[1], aux_times, tgt_times, idx_a, rows_only)  # [B, P, d]
+            c = or_null(common, found_a, self.null[-1])
             experts = torch.cat([experts, c.unsqueeze(2)], 2)  # [B, P, 2M+1, d]
         return experts
 
-    def _common(self, aux: Tensor, tgt: Tensor, aux_times: Tensor, tgt_times: Tensor,
-                rows: Tensor | None = None) -> Tensor:
-        """Common expert (Eq. 16-17): ``aux``, ``tgt`` [M, B, L, d] → per auxiliary event [B, L, d],
-        or only at the auxiliary events ``rows`` [B, R] → [B, R, d]."""
+    def _common(self, aux: Tensor, tgt: Tensor, aux_times: Tensor, tgt_times: Tensor, rows: Tensor,
+                last_only: bool) -> Tensor:
+        """Common expert (Eq. 16-17): ``aux``, ``tgt`` [M, B, L, d] → the output at the auxiliary
+        events ``rows`` [B, R] → [B, R, d] (``last_only``: see :func:`run_blocks`)."""
         M, B, L, d = aux.shape
         q = aux.permute(1, 2, 0, 3).reshape(B, L * M, d)  # [B, L·M, d], event-major
         kv = tgt.permute(1, 2, 0, 3).reshape(B, L * M, d)
         qt = aux_times.repeat_interleave(M, 1)  # [B, L·M]
         kt = tgt_times.repeat_interleave(M, 1)
         share = self.cross(q, time_mask(qt, kt, strict=True), kv=kv)  # Eq. 16
-        tokens = None if rows is None else (rows.unsqueeze(-1) * M + torch.arange(M, device=rows.device)).flatten(1)
-        h = self.common(share, time_mask(qt, qt, strict=False), tokens)  # Eq. 17
+        tokens = (rows.unsqueeze(-1) * M + torch.arange(M, device=rows.device)).flatten(1)  # [B, R·M]
+        h = self.common(share, time_mask(qt, qt, strict=False), tokens, last_only=last_only)  # Eq. 17
         return h.view(B, -1, M, d).mean(2)
 
     # ------------------------------------------------------------------------------ fusion

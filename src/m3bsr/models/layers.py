@@ -161,15 +161,17 @@ def take_rows(x: Tensor, rows: Tensor) -> Tensor:
     return x[(*index, rows)]
 
 
-def run_blocks(blocks, x: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
+def run_blocks(blocks, x: Tensor, mask: Tensor, rows: Tensor | None = None, *, last_only: bool = True) -> Tensor:
     """Self-attention ``blocks`` over ``x`` [*S, L, d] with ``mask`` [*S, L, L] → [*S, L, d].
 
-    With ``rows`` [*S, R]: only those output rows, [*S, R, d]. The last block then computes just
-    them, with the full previous layer as keys (exact: a post-LN block is row-wise apart from its
-    attention keys). Inference only needs the rows read at the queries, a few per window.
+    With ``rows`` [*S, R]: only those output rows, [*S, R, d]. With ``last_only`` the last block
+    computes just them, with the full previous layer as keys (exact: a post-LN block is row-wise
+    apart from its attention keys): inference only needs the rows read at the queries, a few per
+    window. ``last_only=False`` computes every row and then reads them (training, where the
+    queries cover most rows anyway).
     """
     blocks = list(blocks)
-    if rows is None or not blocks:
+    if rows is None or not blocks or not last_only:
         for block in blocks:
             x = block(x, mask)
         return x if rows is None else take_rows(x, rows)
@@ -185,9 +187,9 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(TransformerBlock(d, n_heads, dropout) for _ in range(n_layers))
 
-    def forward(self, x: Tensor, mask: Tensor, rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, rows: Tensor | None = None, *, last_only: bool = True) -> Tensor:
         """``x`` [B, L, d], ``mask`` [B, L, L] → [B, L, d], or [B, R, d] at ``rows`` [B, R] (:func:`run_blocks`)."""
-        return run_blocks(self.blocks, x, mask, rows)
+        return run_blocks(self.blocks, x, mask, rows, last_only=last_only)
 
 
 def merge_by_time(aux_items: Tensor, aux_behaviors: Tensor, aux_times: Tensor, tgt_items: Tensor,

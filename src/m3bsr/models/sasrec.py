@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import (TransformerEncoder, latest_index_before, merge_by_time, or_null, take_rows,
-                                 time_mask)
+from m3bsr.models.layers import TransformerEncoder, latest_index_before, merge_by_time, or_null, time_mask
 
 InputMode = Literal["merged", "target"]
 
@@ -111,8 +110,7 @@ class SASRec(SequentialRecommender):
         x = self.emb_ln(self.emb_drop(self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos))  # [B, L, d]
         index, found = latest_index_before(times, batch.query_times)  # [B, P]
         rows_only = not self.training and index.shape[1] < L
-        h = self.encoder(x, time_mask(times, times, strict=False), index if rows_only else None)
-        h = h if rows_only else take_rows(h, index)  # [B, P, d]
+        h = self.encoder(x, time_mask(times, times, strict=False), index, last_only=rows_only)  # [B, P, d]
         return or_null(h, found, self.null)
 
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
