@@ -21,7 +21,7 @@ from torch import Tensor
 from m3bsr.config import EvalConfig
 from m3bsr.data.batches import WindowArrays, iterate_batches
 from m3bsr.engine.metrics import metrics_from_ranks
-from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.base import SequentialRecommender, candidate_bonus
 
 PROTOCOLS = ("sampled", "full")
 
@@ -40,6 +40,9 @@ def sampled_ranks(model, reps: Tensor, batch) -> Tensor:
     if not bool((cand[:, 0] == labels).all()):
         raise ValueError("sampled candidates must hold the positive in column 0 (see data/prepared.py)")
     scores = model.score(reps[mask][:, None, :], items=cand[:, None, :]).float()[:, 0, :]  # [N, C]
+    bonus = model.history_bonus(reps, batch)
+    if bonus is not None:
+        scores = scores + candidate_bonus(cand, (bonus[0][mask], bonus[1][mask].float()))
     # Negatives equal to the positive or padding never count.
     counted = (cand[:, 1:] != labels[:, None]) & (cand[:, 1:] != 0)  # [N, C-1]
     return 1 + ((scores[:, 1:] >= scores[:, :1]) & counted).sum(1)
@@ -81,6 +84,7 @@ def full_ranks(model, reps: Tensor, batch, chunk: int, table: Tensor | None = No
     item slice, so a tie with an equal-scored item is an exact float tie (counted against it).
     """
     q, labels, rows = _flatten_queries(reps, batch)  # [N, 1, d], [N], [N]
+    bonus = model.history_bonus(reps, batch)
     q = q[:, 0, :].float()
     if table is not None and table.shape[1] > q.shape[1]:  # the bias column
         q = torch.cat([q, q.new_ones(len(q), 1)], 1)
@@ -93,7 +97,14 @@ def full_ranks(model, reps: Tensor, batch, chunk: int, table: Tensor | None = No
         start = c * chunk
         s = _chunk_scores(model, q[sel], start, min(start + chunk, n_all), table)
         pos[sel] = s.gather(1, (labels[sel] - start)[:, None])[:, 0]
-    # (row, item) pairs never counted, grouped by chunk once: excluded items (never the positive),
+    if bonus is not None:  # the repeat head's scores for history items, grouped by chunk like the exclusions
+        b_items, b_vals = bonus[0][batch.query_mask], bonus[1][batch.query_mask].float()  # [N, H]
+        pos += candidate_bonus(labels[:, None], (b_items, b_vals))[:, 0]
+        br, bc = (b_items != 0).nonzero(as_tuple=True)
+        b_item, b_val = b_items[br, bc], b_vals[br, bc]
+        b_key, b_order = torch.sort(b_item // chunk, stable=True)
+        br, b_item, b_val = br[b_order], b_item[b_order], b_val[b_order]
+        b_bounds = torch.searchsorted(b_key, torch.arange(-(-n_all // chunk) + 1, device=b_key.device)).tolist()    # (row, item) pairs never counted, grouped by chunk once: excluded items (never the positive),
     # the positive itself and the padding item 0.
     exclude = batch.exclude_items[rows] if batch.exclude_items is not None else labels.new_zeros(n, 0)  # [N, X]
     r, c = ((exclude != 0) & (exclude != labels[:, None])).nonzero(as_tuple=True)
@@ -108,6 +119,9 @@ def full_ranks(model, reps: Tensor, batch, chunk: int, table: Tensor | None = No
     buf = q.new_empty(n * min(chunk, n_all)) if table is not None else None
     for k, start in enumerate(range(0, n_all, chunk)):
         scores = _chunk_scores(model, q, start, min(start + chunk, n_all), table, buf)  # [N, C]
+        if bonus is not None:
+            blo, bhi = b_bounds[k], b_bounds[k + 1]
+            scores.index_put_((br[blo:bhi], b_item[blo:bhi] - start), b_val[blo:bhi], accumulate=True)
         lo, hi = bounds[k], bounds[k + 1]
         scores[r[lo:hi], item[lo:hi] - start] = float("-inf")
         # In place, as 0/1 floats: a float sum is vectorised, a bool → integer sum is ~3x slower on CPU.

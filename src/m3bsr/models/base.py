@@ -11,6 +11,9 @@ The engine, evaluation, comparison and serving know nothing else about a model:
   (shared, e.g. a chunk of the catalogue) or ``[B, P, C]`` (per query, e.g. sampled candidates).
   The base implementation is linear in ``output_layer()`` (Eq. 23); evaluation then reads that
   table once. A model may override ``score`` (evaluation then calls it chunk by chunk).
+* ``history_bonus(reps, batch) -> (items [B, P, H], bonus [B, P, H]) | None`` (optional): extra
+  scores for items of each query's own history (a repeat head); the engine adds them to the
+  scores of those items everywhere scores are read (loss, both protocols, serving). Duplicates add up.
 
 Models return raw scores; the engine masks padding and history and computes metrics.
 """
@@ -63,13 +66,43 @@ class SequentialRecommender(nn.Module):
         out = torch.einsum("bpd,bpcd->bpc", reps, w)
         return out + bias[items] if bias is not None else out
 
+    def history_bonus(self, reps: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor] | None:
+        """Optional scores added to the items of each query's own history: ``(items [B, P, H],
+        bonus [B, P, H])``, item 0 = no entry. None (the default): no bonus."""
+        return None
+
+    def full_scores(self, batch: SequenceBatch) -> Tensor:
+        """[B, P, n_items + 1] raw scores of every item at every query, history bonus included."""
+        reps = self.represent(batch)
+        return add_bonus(self.score(reps), self.history_bonus(reps, batch))
+
     def main_loss(self, reps: Tensor, batch: SequenceBatch) -> Tensor:
         """Eq. 24: mean cross-entropy of the true next target item over the query positions."""
         mask = batch.query_mask
         logits = self.score(reps[mask])  # [N, I+1]
+        bonus = self.history_bonus(reps, batch)
+        if bonus is not None:
+            logits = logits.scatter_add(1, bonus[0][mask], bonus[1][mask].to(logits.dtype))
         logits[:, 0] = float("-inf")  # padding is never a valid answer
         return F.cross_entropy(logits.float(), batch.labels[mask])
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Named loss terms; the default is the main cross-entropy only."""
         return {"main": self.main_loss(self.represent(batch), batch)}
+
+
+def add_bonus(scores: Tensor, bonus: tuple[Tensor, Tensor] | None) -> Tensor:
+    """``scores`` [B, P, n_items + 1] plus a :meth:`~SequentialRecommender.history_bonus` (or None)."""
+    if bonus is None:
+        return scores
+    items, values = bonus
+    return scores.scatter_add(-1, items, values.to(scores.dtype))
+
+
+def candidate_bonus(candidates: Tensor, bonus: tuple[Tensor, Tensor] | None) -> Tensor | float:
+    """The history bonus of each candidate: ``candidates`` [N, C], bonus ``([N, H], [N, H])`` → [N, C]."""
+    if bonus is None:
+        return 0.0
+    items, values = bonus
+    hit = (candidates.unsqueeze(-1) == items.unsqueeze(1)) & (items.unsqueeze(1) != 0)  # [N, C, H]
+    return (hit.to(values.dtype) * values.unsqueeze(1)).sum(-1)

@@ -20,6 +20,7 @@ from m3bsr.config import Config
 from m3bsr.data.batches import History, WindowBuilder, latest_windows, user_history
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.errors import input_error
+from m3bsr.models.base import add_bonus
 
 MAX_SCORE_CELLS = 2**25
 """Bound on batch rows x catalogue size scored at once (32 Mi floats = 128 MiB)."""
@@ -175,7 +176,7 @@ class Recommender:
         batch = windows.batch(slice(None), trim=True).to(self.device)  # drop all-padding columns
         with torch.inference_mode():
             reps = self._represent(batch)  # [B, 1, d]
-            scores = self.model.score(reps)[:, 0, :].float()  # [B, I+1]
+            scores = add_bonus(self.model.score(reps), self.model.history_bonus(reps, batch))[:, 0, :].float()
             scores = torch.nan_to_num(scores, nan=float("-inf"))
             scores[:, 0] = float("-inf")  # padding is never an answer
             mask = torch.tensor(excl, device=self.device)[:, None]
