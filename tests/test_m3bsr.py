@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
 from m3bsr.batch import PAD_TIME, Catalogue, SequenceBatch
 from m3bsr.config import build_config
@@ -78,32 +81,109 @@ def make_model(*overrides: str, content: bool = True, d: int = 16) -> M3BSR:
     return build_model(cfg, make_catalogue(content))
 
 
+PAPER = "model.preset=paper"
+
 CONFIGS = [
     (),
-    ("model.denoise_output=reverse_chain", "model.T_m=4", "model.T_b=3"),
-    ("model.contrast=literal", "model.diffusion_loss=literal", "model.fusion=router"),
-    ("model.share_specific_experts=false", "model.scorer=tied"),
-    ("model.no_shared_expert=true",),
-    ("model.no_meie=true",),
-    ("model.denoise_output=none", "model.n_layers=1"),
+    ("model.no_specific_experts=true",),
+    ("model.fusion=gate", "model.id_input=mlp16", "model.scorer=linear", "model.repeat=false"),
+    ("model.common_expert=cross", "model.item_content=false", "model.feature_norm=none"),
+    ("model.no_shared_expert=true", "model.share_specific_experts=false"),
+    (PAPER,),
+    (PAPER, "model.denoise_output=reverse_chain", "model.T_m=4", "model.T_b=3"),
+    (PAPER, "model.contrast=literal", "model.diffusion_loss=literal", "model.fusion=router"),
+    (PAPER, "model.share_specific_experts=false", "model.scorer=tied"),
+    (PAPER, "model.no_shared_expert=true"),
+    (PAPER, "model.no_meie=true"),
+    (PAPER, "model.denoise_output=none", "model.n_layers=1"),
 ]
+
+
+def open_gates(model: M3BSR, seed: int = 1) -> M3BSR:
+    """Give every zero-initialised branch (fusion gate, repeat head) random values, so tests see them act."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, prm in model.named_parameters():
+            if name == "meie.gate" or name.startswith("repeat."):
+                prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
+    return model
+
+
+def reference_scores(model: M3BSR, batch: SequenceBatch) -> Tensor:
+    """Every query's scores (history bonus included) from a sub-window holding only the events
+    strictly before it, run alone: [B, P, n_items + 1] (zeros where there is no query)."""
+    out = torch.zeros(*batch.labels.shape, model.n_items + 1)
+    for b, p in batch.query_mask.nonzero().tolist():
+        qt = batch.query_times[b, p]
+        keep_a, keep_t = batch.aux_times[b] < qt, batch.tgt_times[b] < qt
+        sub = SequenceBatch(users=batch.users[b:b + 1],
+                            aux_items=batch.aux_items[b].where(keep_a, 0)[None],
+                            aux_behaviors=batch.aux_behaviors[b].where(keep_a, 0)[None],
+                            aux_times=batch.aux_times[b].where(keep_a, PAD_TIME)[None],
+                            tgt_items=batch.tgt_items[b].where(keep_t, 0)[None],
+                            tgt_times=batch.tgt_times[b].where(keep_t, PAD_TIME)[None],
+                            query_times=qt.view(1, 1), labels=batch.labels[b, p].view(1, 1))
+        out[b, p] = model.full_scores(sub)[0, 0]
+    return out
 
 
 @pytest.mark.parametrize("overrides", CONFIGS, ids=lambda o: ",".join(x.split(".")[1] for x in o) or "default")
 @pytest.mark.parametrize("queries", ["targets", "random"])
 def test_all_targets_pass_equals_reference(overrides, queries):
-    model = make_model(*overrides).eval()
+    model = open_gates(make_model(*overrides)).eval()
     batch = make_batch(queries=queries)
     with torch.no_grad():
         fast = model.score(model.represent(batch))
         ref = model.score(model.represent_reference(batch))
-    mask = batch.query_mask
-    assert mask.sum() > 10
-    assert (fast[mask] - ref[mask]).abs().max() < 1e-4
+        mask = batch.query_mask
+        assert mask.sum() > 10
+        assert (fast[mask] - ref[mask]).abs().max() < 1e-4
+        if model.repeat is not None:  # the history bonus too: one pass == one sub-window per query
+            full = model.full_scores(batch)
+            assert (full[mask] - reference_scores(model, batch)[mask]).abs().max() < 1e-4
+            assert (full[mask] - fast[mask]).abs().max() > 1e-2  # the bonus does act
+
+
+def test_tables_start_small_so_items_are_told_apart():
+    """The initialisation defect (docs/model.md): with N(0, 1) position/behavior tables two different
+    items' tokens at one position had cosine ~0.96. Fixed in both presets; unfixed, it comes back."""
+    items = torch.arange(1, N_ITEMS + 1)
+
+    def mean_abs_cos(model: M3BSR) -> float:
+        if model.merged:
+            x = model.input.item_vector(items) * math.sqrt(16) + model.pos_merged.weight[3] + model.behavior.weight[1]
+        else:
+            x = model.input.id_repr(items) + model.pos_aux.weight[3] + model.behavior.weight[1]
+        z = torch.nn.functional.normalize(x, dim=-1)
+        cos = z @ z.T
+        return float(cos[~torch.eye(len(items), dtype=torch.bool)].abs().mean())
+
+    with torch.no_grad():
+        for preset in ("default", "paper"):
+            model = make_model(f"model.preset={preset}")
+            assert mean_abs_cos(model) < 0.5, preset
+            for table in (model.pos_aux, model.behavior) + ((model.pos_merged,) if model.merged else ()):
+                torch.nn.init.normal_(table.weight)  # PyTorch's default, the defect
+            assert mean_abs_cos(model) > 0.8, preset
+
+
+def test_closed_gates_give_exactly_the_backbone():
+    """Default preset: the paper's branches (specific experts with CDMD-M/B, repeat head) start closed,
+    so the full model's scores equal those of the backbone alone with the same shared weights."""
+    full = make_model().eval()
+    backbone = make_model("model.no_specific_experts=true", "model.repeat=false").eval()
+    shared = {k: v for k, v in full.state_dict().items() if k in backbone.state_dict()}
+    assert set(shared) == set(backbone.state_dict())
+    backbone.load_state_dict(shared)
+    batch = make_batch(queries="random")
+    with torch.no_grad():
+        assert torch.equal(full.full_scores(batch), backbone.full_scores(batch))
+        open_gates(full)
+        assert (full.full_scores(batch) - backbone.full_scores(batch)).abs().max() > 1e-2
 
 
 def test_id_only_catalogue():
-    model = make_model(content=False).eval()
+    model = make_model(PAPER, content=False).eval()
     assert model.modalities == ["id"] and model.cdmd_m is None and model.meie.n_experts == 3
     batch = make_batch()
     with torch.no_grad():
@@ -115,13 +195,14 @@ def test_id_only_catalogue():
     assert model.input.side_emb["brand"].weight.grad.abs().sum() > 0
 
 
-def test_future_and_padding_do_not_change_a_targets_logits():
-    model = make_model().eval()
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_future_and_padding_do_not_change_a_targets_logits(preset):
+    model = open_gates(make_model(f"model.preset={preset}")).eval()
     batch = make_batch(seed=3)
     b, p = 2, 1
     q = int(batch.query_times[b, p])
     with torch.no_grad():
-        base = model.score(model.represent(batch))[b, p]
+        base = model.full_scores(batch)[b, p]
     g = torch.Generator().manual_seed(0)
 
     def perturb(items, times, where):
@@ -136,7 +217,7 @@ def test_future_and_padding_do_not_change_a_targets_logits():
     changed.aux_behaviors = batch.aux_behaviors.clone()
     changed.aux_behaviors[b][future_a] = 2
     with torch.no_grad():
-        after = model.score(model.represent(changed))[b, p]
+        after = model.full_scores(changed)[b, p]
     assert (after - base).abs().max() < 1e-5
     for name, times in (("aux_items", batch.aux_times), ("tgt_items", batch.tgt_times)):
         past = SequenceBatch(**vars(batch))
@@ -145,11 +226,12 @@ def test_future_and_padding_do_not_change_a_targets_logits():
         past_items[b, idx] = past_items[b, idx] % N_ITEMS + 1
         setattr(past, name, past_items)
         with torch.no_grad():
-            assert (model.score(model.represent(past))[b, p] - base).abs().max() > 1e-4, name
+            assert (model.full_scores(past)[b, p] - base).abs().max() > 1e-4, name
 
 
-def test_every_parameter_receives_a_gradient():
-    model = make_model().train()
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_every_parameter_receives_a_gradient(preset):
+    model = open_gates(make_model(f"model.preset={preset}")).train()
     terms = model.loss(make_batch(B=6, seed=1))
     assert set(terms) == {"main", "contrast", "diff_m", "diff_b"}
     sum(terms.values()).backward()
@@ -168,8 +250,8 @@ ABLATIONS = {
 
 @pytest.mark.parametrize("flag", list(ABLATIONS))
 def test_each_ablation_removes_its_modules_and_loss_term(flag):
-    full = make_model()
-    model = make_model(f"model.{flag}=true")
+    full = make_model(PAPER)
+    model = make_model(PAPER, f"model.{flag}=true")
     module, term = ABLATIONS[flag]
     names = {n for n, _ in model.named_modules()}
     if module is not None:
@@ -185,7 +267,7 @@ def test_each_ablation_removes_its_modules_and_loss_term(flag):
 
 
 def _denoiser_input_rms_while_training_eps_loss_only(steps: int = 120) -> list[float]:
-    model = make_model("model.dropout=0.0").train()
+    model = make_model(PAPER, "model.dropout=0.0").train()
     seen = []
     hook = model.cdmd_m.diffusion.net.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach()))
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
@@ -298,18 +380,22 @@ def test_realistic_eval_windows_and_config(tmp_path):
         assert model.score(reps, ev.candidates).shape == ev.candidates.shape
     assert model.cdmd_m.diffusion.schedule is model.cdmd_b.diffusion.schedule  # one shared schedule
     assert len(model.schedules) == 1 and len(make_model("model.T_b=5").schedules) == 2
-    cfg = build_config(model="m3bsr", overrides=["model.no_meie=true"]).model
+    cfg = build_config(model="m3bsr", overrides=[PAPER, "model.no_meie=true"]).model
     assert isinstance(cfg, M3BSRConfig) and cfg.no_meie and cfg.lambda_c == 0.05 and cfg.tau == 0.3
+    with pytest.raises(InputError, match="no_specific_experts"):
+        build_config(model="m3bsr", overrides=["model.no_meie=true"])  # the default has no mean-pool ablation
     with pytest.raises(InputError, match="infer_steps"):
         build_config(model="m3bsr", overrides=["model.infer_steps=20"])
     with pytest.raises(InputError, match="fusion"):
         build_config(model="m3bsr", overrides=["model.fusion=mean"])
     with pytest.raises(InputError, match="model.max_positions=8"):
+        make_model(PAPER, "model.max_positions=4").represent(make_batch(L=8))
+    with pytest.raises(InputError, match="model.max_positions=16"):  # the merged stream holds both
         make_model("model.max_positions=4").represent(make_batch(L=8))
 
 
 def test_summary_reports_parameters_and_flops():
-    model = make_model(d=32)
+    model = make_model(PAPER, d=32)
     batch = make_batch(B=4, L=8)
     text = summarize(model, batch)
     for name in ("input", "cdmd_m", "cdmd_b", "meie", "out", "total", "represent", "train_loss_forward"):
@@ -317,7 +403,7 @@ def test_summary_reports_parameters_and_flops():
     counts = count_parameters(model)
     assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
     x0 = measure_flops(model, batch)
-    chain = measure_flops(make_model("model.denoise_output=reverse_chain", d=32), batch)
+    chain = measure_flops(make_model(PAPER, "model.denoise_output=reverse_chain", d=32), batch)
     assert 0 < x0["represent"] < x0["train_loss_forward"]
     assert chain["represent"] > 3 * x0["represent"]  # 10 estimator calls per denoiser instead of 1
 

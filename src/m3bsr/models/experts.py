@@ -6,7 +6,8 @@ Experts (E = 2M + 1 with M modalities, or 2M without the common expert):
   grouped stack; ``share_specific_experts`` (FLAG) ties the click and favor expert of a modality;
 * common expert (Eq. 16-17): cross-attention with Q = the M·La auxiliary tokens, K = V = the
   M·Lt target tokens (an auxiliary token sees target events strictly before it), then a
-  Transformer causal by time.
+  Transformer causal by time; or, with ``common_expert="merged"``, a vector computed outside
+  (M3BSR's merged-stream backbone) and passed to :meth:`forward`.
 
 Pooling (DECIDED): a query at time t reads each expert at its latest event before t (the common
 expert: the mean of the M modality tokens of the latest auxiliary event); a stream with no event
@@ -34,7 +35,7 @@ class MultiExpertInterestExtractor(nn.Module):
 
     def __init__(self, modalities: list[str], d: int, n_layers: int, n_heads: int, dropout: float, *,
                  share_specific: bool, use_common: bool, fusion: str, contrast: str, tau: float,
-                 length_buckets: int = 1):
+                 length_buckets: int = 1, own_common: bool = True):
         super().__init__()
         self.length_buckets = length_buckets
         self.modalities = list(modalities)
@@ -45,24 +46,28 @@ class MultiExpertInterestExtractor(nn.Module):
         groups = M if share_specific else 2 * M
         self.specific = nn.ModuleList(GroupedTransformerBlock(groups, d, n_heads, dropout)
                                       for _ in range(max(n_layers, 1)))
-        if use_common:
+        self.own_common = use_common and own_common
+        if self.own_common:
             self.cross = TransformerBlock(d, n_heads, dropout)  # Eq. 16
             self.common = TransformerEncoder(d, n_layers, n_heads, dropout)  # Eq. 17
         self.n_experts = 2 * M + int(use_common)
-        self.null = nn.Parameter(torch.randn(self.n_experts, d) * 0.02)
+        self.null = nn.Parameter(torch.randn(2 * M + int(self.own_common), d) * 0.02)  # per pooled stream
         E = self.n_experts
-        if fusion == "gate":
+        if fusion in ("gate", "residual"):
             self.w_s = nn.Linear(2 * M * d, d)  # Eq. 22: W_s [s_1..s_2M]
-            if use_common:
+            if use_common and fusion == "gate":
                 self.w_g = nn.Linear(E * d, d)  # Eq. 21: g = sigmoid(W_g [h_common; s] + b_g)
+            if use_common and fusion == "residual":
+                self.gate = nn.Parameter(torch.zeros(d))  # closed at initialisation: y = h_common
         else:
             self.router = nn.Sequential(nn.Linear(E * d, d), nn.GELU(), nn.Linear(d, E))
 
     # ------------------------------------------------------------------------------ experts
     def forward(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor, tgt_times: Tensor,
-                query_times: Tensor) -> Tensor:
+                query_times: Tensor, common: Tensor | None = None) -> Tensor:
         """Pooled expert vectors. ``aux[m]``, ``tgt[m]`` [B, L, d] (same L), times [B, L],
-        ``query_times`` [B, P] → [B, P, E, d].
+        ``query_times`` [B, P], ``common`` [B, P, d] (given when the common expert is computed
+        outside, else None) → [B, P, E, d].
 
         Speed: windows are sorted by real length and run in up to ``length_buckets`` equal groups,
         each trimmed to its longest window (every window is independent here and padding is masked,
@@ -72,6 +77,12 @@ class MultiExpertInterestExtractor(nn.Module):
         kept) a batch whose groups would save less than ``MIN_SAVING`` of its padded tokens, such as
         a length-sorted evaluation batch, runs as one group.
         """
+        experts = self._in_length_groups(aux, tgt, aux_times, tgt_times, query_times)  # [B, P, E', d]
+        return experts if common is None else torch.cat([experts, common.unsqueeze(2)], 2)
+
+    def _in_length_groups(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor,
+                          tgt_times: Tensor, query_times: Tensor) -> Tensor:
+        """:meth:`_experts` over groups of windows of similar length (see :meth:`forward`)."""
         B, L = aux_times.shape
         k = min(self.length_buckets, B // MIN_BUCKET)
         if k <= 1 or L <= 1:
@@ -121,7 +132,7 @@ class MultiExpertInterestExtractor(nn.Module):
         null = self.null[: 2 * M].view(2, M * d)
         pooled = [or_null(per_stream[0], found_a, null[0]), or_null(per_stream[1], found_t, null[1])]
         experts = torch.cat(pooled, -1).view(B, P, 2 * M, d)  # [B, P, 2M, d]
-        if self.use_common:
+        if self.own_common:
             common = self._common(x[0], x[1], aux_times, tgt_times, idx_a, rows_only)  # [B, P, d]
             c = or_null(common, found_a, self.null[-1])
             experts = torch.cat([experts, c.unsqueeze(2)], 2)  # [B, P, 2M+1, d]
@@ -145,9 +156,11 @@ class MultiExpertInterestExtractor(nn.Module):
     def fuse(self, experts: Tensor) -> Tensor:
         """Eq. 21-22: [B, P, E, d] → y [B, P, d].
 
-        NOTE (spec FLAG ``fusion``): as printed the shapes disagree. ``gate``:
+        NOTE (FLAG ``fusion``, docs/model.md): as printed the shapes disagree. ``gate``:
         ``g = sigmoid(W_g [h_common; s] + b_g)``, ``y = g·h_common + (1-g)·W_s s`` (without the
-        common expert, ``y = W_s s``); ``router``: softmax weights over the experts from an MLP.
+        common expert, ``y = W_s s``); ``router``: softmax weights over the experts from an MLP;
+        ``residual``: ``y = h_common + γ ⊙ W_s s`` with γ [d] starting at zero (the specific experts
+        join the common expert as a branch that is closed at initialisation).
         """
         flat = experts.flatten(-2)  # [B, P, E·d]
         if self.fusion == "router":
@@ -157,6 +170,8 @@ class MultiExpertInterestExtractor(nn.Module):
         spec = self.w_s(experts[..., :n_spec, :].flatten(-2))
         if not self.use_common:
             return spec
+        if self.fusion == "residual":
+            return experts[..., -1, :] + self.gate.to(spec.dtype) * spec
         g = torch.sigmoid(self.w_g(flat))
         return g * experts[..., -1, :] + (1 - g) * spec
 

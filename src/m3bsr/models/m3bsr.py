@@ -1,15 +1,21 @@
 """M3BSR: multi-modal multi-behavior sequential recommendation with conditional diffusion-based
-feature denoising (Cui et al., SIGIR 2025) — the paper's Eq. 3-25 assembled (spec sections 2-4).
+feature denoising (Cui et al., SIGIR 2025) — the paper's Eq. 3-25 assembled (docs/model.md).
 
-Pipeline per user window (one pass gives every query, spec 2a):
+Pipeline per user window (one pass gives every query, docs/architecture.md "time causality"):
 input layer (Eq. 3-5) → CDMD-M (Eq. 6-10) → CDMD-B (Eq. 11-13) → MEIE (Eq. 14-22) →
 prediction (Eq. 23-24); total loss Eq. 25. Modalities are ``id`` plus whatever content features
 the catalogue has (``image``, ``text``; none for id-only data, which turns CDMD-M off).
+
+Two presets (``model.preset``, docs/model.md "presets"): ``paper`` is the printed architecture;
+``default`` starts as a strong sequential backbone — a causal Transformer over both behavior
+streams merged by time, with one full-width item table (id + content) shared by input and scoring
+— and adds the paper's parts as branches whose gates start at zero, plus a repeat head.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -24,13 +30,48 @@ from m3bsr.models.base import SequentialRecommender
 from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor, causal_mean_pool
-from m3bsr.models.layers import FastDropout
+from m3bsr.models.layers import (FastDropout, TransformerEncoder, latest_index_before, merge_by_time, or_null,
+                                 time_mask)
+from m3bsr.models.repeat import RepeatHead
+
+
+PRESETS: dict[str, dict[str, object]] = {
+    # The printed architecture (docs/model.md "presets"), with only the initialisation defect fixed.
+    "paper": dict(id_input="mlp16", feature_norm="none", item_content=False, scorer="linear",
+                  common_expert="cross", fusion="gate", repeat=False, no_specific_experts=False,
+                  no_cdmd_b=False, no_disentangle=False),
+    # The best design measured on validation (docs/results.md "ladder"); every entry is its own key.
+    "default": dict(id_input="full", feature_norm="standardize", item_content=True, scorer="tied",
+                    common_expert="merged", fusion="residual", repeat=True, no_specific_experts=False,
+                    no_cdmd_b=False, no_disentangle=False),
+}
+"""Preset name → the values it gives the keys a run does not set itself."""
 
 
 class M3BSRConfig(BaseModelConfig):
-    """Every FLAG and DECIDED choice of the spec, and the five ablations of Figure 3."""
+    """Every FLAG and DECIDED choice of docs/model.md, the five ablations of Figure 3, and the
+    departures of the ``default`` preset (each a key of its own, so a ladder can toggle it).
+
+    ``preset`` fills every key of :data:`PRESETS` that the run does not set explicitly; the saved
+    config holds the resolved values, so a run reads the same whatever the presets become.
+    """
 
     name: Literal["m3bsr"] = "m3bsr"
+    preset: Literal["paper", "default"] = Field("default", description="paper = the printed architecture; "
+                                                "default = backbone + gated paper branches (docs/model.md)")
+    id_input: Literal["mlp16", "full"] = Field("full", description="mlp16 = id_dim table + MLP (Eq. 3-4); "
+                                               "full = one hidden_size-wide id table")
+    feature_norm: Literal["none", "standardize"] = Field(
+        "standardize", description="content features: as given, or z-scored per dimension over the catalogue "
+        "with the projection initialised at the id table's scale")
+    item_content: bool = Field(True, description="content projections join the item vector used as input "
+                               "(merged backbone) and, with the tied scorer, for scoring")
+    common_expert: Literal["cross", "merged"] = Field(
+        "merged", description="cross = Eq. 16-17 (click queries, favor keys, read at the latest click); "
+        "merged = causal Transformer over both streams by time, read at the latest event (the backbone)")
+    repeat: bool = Field(True, description="repeat head: a learned logit bonus for the user's own history items")
+    no_specific_experts: bool = Field(False, description="drop the specific experts (and the denoisers that feed "
+                                      "them): the merged backbone alone")
     id_dim: int = Field(16, ge=1, description="item id embedding width before the MLP (paper: 16)")
     side_dim: int = Field(16, ge=1, description="width of each side-id table (brand, seller...)")
     max_positions: int = Field(200, ge=1, description="size of the position tables (>= data.max_len)")
@@ -42,8 +83,9 @@ class M3BSRConfig(BaseModelConfig):
     diffusion_loss: Literal["eps", "literal"] = "eps"
     denoise_output: Literal["reverse_chain", "x0", "none"] = "x0"
     contrast: Literal["disentangle", "literal"] = "disentangle"
-    fusion: Literal["gate", "router"] = "gate"
-    scorer: Literal["linear", "tied"] = "linear"
+    fusion: Literal["gate", "router", "residual"] = Field(
+        "residual", description="Eq. 21-22: gate, router, or residual = common + zero-initialised gate x W_s s")
+    scorer: Literal["linear", "tied"] = Field("tied", description="linear = Eq. 23; tied = item vectors + bias")
     share_specific_experts: bool = True
     lambda_c: float = Field(0.05, ge=0)
     lambda_m: float = Field(0.02, ge=0)
@@ -57,8 +99,24 @@ class M3BSRConfig(BaseModelConfig):
     length_buckets: int = Field(4, ge=1, description="MEIE runs windows in up to this many groups of similar "
                                 "length, each trimmed to its longest window (speed only; 1 = one group)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, raw: object) -> object:
+        if not isinstance(raw, dict):
+            return raw
+        preset = raw.get("preset", "default")
+        if preset not in PRESETS:
+            return raw  # the Literal check names the allowed presets
+        return {**PRESETS[preset], **raw}
+
     @model_validator(mode="after")
     def _check(self) -> "M3BSRConfig":
+        if self.no_specific_experts and (self.common_expert != "merged" or self.no_shared_expert):
+            raise ValueError("no_specific_experts needs common_expert=merged and the shared expert (the backbone "
+                             "is then the whole model)")
+        if self.no_meie and self.common_expert == "merged":
+            raise ValueError("no_meie is the paper's ablation (common_expert=cross); with common_expert=merged "
+                             "set no_specific_experts=true")
         if self.beta_start > self.beta_end:
             raise ValueError(f"beta_start {self.beta_start} > beta_end {self.beta_end}")
         if self.infer_steps is not None and self.infer_steps > min(self.T_m, self.T_b):
@@ -68,42 +126,119 @@ class M3BSRConfig(BaseModelConfig):
         return self
 
 
+TABLE_STD = 0.02
+"""Initial std of every learned table added to item vectors (ids, positions, behaviors).
+
+NOTE (docs/model.md "initialisation"): PyTorch's N(0, 1) default made the position and behavior
+rows dwarf the item part (two different items at one position: cosine 0.96 at initialisation)."""
+
+
 class ItemInput(nn.Module):
     """Input layer (Eq. 3-5): per-item vectors of every modality, [*] item ids → [*, d].
 
-    ``id``: id embedding (``id_dim``) ⊕ side-id embeddings (``side_dim`` each) → MLP → d (Eq. 3-4).
+    ``id`` (``id_input``): ``mlp16`` = id embedding (``id_dim``) ⊕ side-id embeddings (``side_dim``
+    each) → MLP → d (Eq. 3-4); ``full`` = one d-wide id table (+ d-wide side-id tables).
     Content modality m: frozen feature → Linear → d (Eq. 5); items without a feature read a
-    learned "missing" vector.
+    learned "missing" vector. ``feature_norm="standardize"`` z-scores each feature dimension over
+    the catalogue's items first (features such as CNN activations share one large mean direction),
+    divides by the width and starts the projection at the id table's scale. :meth:`item_vector` is the item's single
+    vector (id + content with ``item_content``), used by the merged backbone and the tied scorer.
     """
 
     def __init__(self, cfg: M3BSRConfig, catalogue: Catalogue):
         super().__init__()
         d = cfg.hidden_size
-        self.id_emb = nn.Embedding(catalogue.n_items + 1, cfg.id_dim, padding_idx=PAD)
+        self.full = cfg.id_input == "full"
+        self.item_content = cfg.item_content
+        width, side_width = (d, d) if self.full else (cfg.id_dim, cfg.side_dim)
+        self.id_emb = nn.Embedding(catalogue.n_items + 1, width, padding_idx=PAD)
         self.sides = list(catalogue.side_ids)
-        self.side_emb = nn.ModuleDict({s: nn.Embedding(catalogue.side_sizes[s], cfg.side_dim, padding_idx=PAD)
+        self.side_emb = nn.ModuleDict({s: nn.Embedding(catalogue.side_sizes[s], side_width, padding_idx=PAD)
                                        for s in self.sides})
+        if self.full:  # added straight to positions and behaviors: the same small scale
+            for table in [self.id_emb, *self.side_emb.values()]:
+                _init_table(table)
+        # NOTE (docs/model.md "initialisation"): tables that feed the id MLP keep unit scale; at 0.02
+        # the MLP's biases would make every item the same vector (cosine 0.9997 at initialisation).
         for s in self.sides:
             self.register_buffer(f"side_{s}", catalogue.side_ids[s].long(), persistent=False)
-        self.id_mlp = nn.Sequential(nn.Linear(cfg.id_dim + len(self.sides) * cfg.side_dim, d), nn.GELU(),
-                                    nn.Linear(d, d))
+        self.id_mlp = None
+        if not self.full:
+            self.id_mlp = nn.Sequential(nn.Linear(cfg.id_dim + len(self.sides) * cfg.side_dim, d), nn.GELU(),
+                                        nn.Linear(d, d))
         self.content = list(catalogue.features)
         self.proj = nn.ModuleDict({m: nn.Linear(x.shape[1], d) for m, x in catalogue.features.items()})
-        self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * 0.02) for m in self.content})
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.randn(d) * TABLE_STD) for m in self.content})
         for m in self.content:  # frozen features travel with the model, outside checkpoints
-            self.register_buffer(f"feat_{m}", catalogue.features[m].float(), persistent=False)
-            self.register_buffer(f"has_{m}", catalogue.feature_masks[m].bool(), persistent=False)
+            feat, has = catalogue.features[m].float(), catalogue.feature_masks[m].bool()
+            if cfg.feature_norm == "standardize":
+                # NOTE (docs/model.md "content features"): z-scored, then divided by the width D, with
+                # the weights at std 0.02·√D: the projection starts at the id table's scale (0.02) and
+                # an Adam step moves it about as far as it moves an id row. Unscaled, the D coherent
+                # per-weight steps moved content vectors ~√D times faster and training diverged.
+                D = feat.shape[1]
+                feat = _standardize(feat, has) / D
+                nn.init.normal_(self.proj[m].weight, std=TABLE_STD * D ** 0.5)
+                nn.init.zeros_(self.proj[m].bias)
+            self.register_buffer(f"feat_{m}", feat, persistent=False)
+            self.register_buffer(f"has_{m}", has, persistent=False)
 
     def id_repr(self, items: Tensor) -> Tensor:
+        """Eq. 3-4: [*] → [*, d]."""
         parts = [self.id_emb(items)] + [self.side_emb[s](getattr(self, f"side_{s}")[items]) for s in self.sides]
+        if self.full:
+            return sum(parts)
         return self.id_mlp(torch.cat(parts, -1))
 
     def content_repr(self, m: str, items: Tensor) -> Tensor:
+        """Eq. 5: [*] → [*, d]."""
         x = self.proj[m](getattr(self, f"feat_{m}")[items])
         return torch.where(getattr(self, f"has_{m}")[items].unsqueeze(-1), x, self.missing[m].to(x.dtype))
 
     def forward(self, items: Tensor) -> dict[str, Tensor]:
+        """Every modality's vector: {m: [*, d]}."""
         return {"id": self.id_repr(items), **{m: self.content_repr(m, items) for m in self.content}}
+
+    def item_vector(self, items: Tensor) -> Tensor:
+        """One vector per item: id, plus every content modality when ``item_content``. [*] → [*, d]."""
+        x = self.id_repr(items)
+        if self.item_content:
+            for m in self.content:
+                x = x + self.content_repr(m, items)
+        return x
+
+
+def _init_table(table: nn.Embedding) -> None:
+    nn.init.normal_(table.weight, std=TABLE_STD)
+    if table.padding_idx is not None:
+        with torch.no_grad():
+            table.weight[table.padding_idx].zero_()
+
+
+def _standardize(feat: Tensor, has: Tensor) -> Tensor:
+    """Per-dimension z-score over the items that have a feature; rows without one stay zero.
+    Shapes: ``feat`` [n_items + 1, D], ``has`` [n_items + 1] → [n_items + 1, D]."""
+    if not bool(has.any()):
+        return feat
+    rows = feat[has]
+    out = (feat - rows.mean(0)) / rows.std(0, unbiased=False).clamp(min=1e-6)
+    return out * has.unsqueeze(1)
+
+
+@dataclass
+class M3BSROutput:
+    """What one pass of :class:`M3BSR` gives (as diffusers' scheduler outputs do).
+
+    * ``reps`` [B, P, d]: the fused interest y of Eq. 22 at every query;
+    * ``terms``: the weighted auxiliary losses (``diff_m``, ``diff_b``), training only;
+    * ``experts``, ``second`` [B, P, E, d] or None: the pooled expert vectors of the first and, for
+      the disentanglement loss (Eq. 20), a second dropout pass.
+    """
+
+    reps: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    experts: Tensor | None = None
+    second: Tensor | None = None
 
 
 def _pad_to(x: Tensor, L: int, value: int) -> Tensor:
@@ -111,7 +246,7 @@ def _pad_to(x: Tensor, L: int, value: int) -> Tensor:
 
 
 class M3BSR(SequentialRecommender):
-    """The assembled model. ``represent`` = the all-targets pass (spec 2a);
+    """The assembled model. ``represent`` = the all-targets pass (docs/architecture.md);
     ``represent_reference`` = one leak-free sub-window per query (for tests)."""
 
     config_class = M3BSRConfig
@@ -119,45 +254,54 @@ class M3BSR(SequentialRecommender):
     def __init__(self, cfg: M3BSRConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)
         d, h, p = cfg.hidden_size, cfg.n_heads, cfg.dropout
+        self.target_behavior = catalogue.target_behavior
         self.input = ItemInput(cfg, catalogue)
         self.modalities = ["id"] + self.input.content
         self.pos_aux = nn.Embedding(cfg.max_positions, d)  # learned positions per behavior sequence
         self.pos_tgt = nn.Embedding(cfg.max_positions, d)
         self.behavior = nn.Embedding(catalogue.n_behaviors + 1, d, padding_idx=PAD)  # merged auxiliaries
+        for table in (self.pos_aux, self.pos_tgt, self.behavior):
+            _init_table(table)
         self.drop = FastDropout(p)
-        # One schedule object per distinct T, shared by all denoisers with that T (spec 3).
+        self.merged = cfg.common_expert == "merged" and not cfg.no_shared_expert
+        if self.merged:  # the backbone: a causal Transformer over both streams merged by time
+            self.pos_merged = nn.Embedding(cfg.max_positions, d)
+            _init_table(self.pos_merged)
+            self.merged_ln = nn.LayerNorm(d)
+            self.backbone = TransformerEncoder(d, cfg.n_layers, h, p)
+            self.backbone_null = nn.Parameter(torch.randn(d) * TABLE_STD)
+        branches = not cfg.no_specific_experts  # the denoisers feed the specific experts only
+        # One schedule object per distinct T, shared by all denoisers with that T (docs/model.md).
         self.schedules = nn.ModuleDict({str(T): NoiseSchedule(T, cfg.beta_start, cfg.beta_end)
                                         for T in sorted({cfg.T_m, cfg.T_b})})
         common = dict(d=d, n_heads=h, dropout=p, diffusion_loss=cfg.diffusion_loss,
                       denoise_output=cfg.denoise_output)
         self.cdmd_m = None
-        if self.input.content and not cfg.no_cdmd_m:
+        if branches and self.input.content and not cfg.no_cdmd_m:
             self.cdmd_m = ModalityDenoiser(self.input.content, schedule=self.schedules[str(cfg.T_m)],
                                            infer_steps=cfg.infer_steps or cfg.T_m, **common)
         self.cdmd_b = None
-        if not cfg.no_cdmd_b:
+        if branches and not cfg.no_cdmd_b:
             self.cdmd_b = BehaviorDenoiser(self.modalities, schedule=self.schedules[str(cfg.T_b)],
                                            infer_steps=cfg.infer_steps or cfg.T_b, **common)
         self.meie = None
-        if not cfg.no_meie:
+        if branches and not cfg.no_meie:
             self.meie = MultiExpertInterestExtractor(
                 self.modalities, d, cfg.n_layers, h, p, share_specific=cfg.share_specific_experts,
                 use_common=not cfg.no_shared_expert, fusion=cfg.fusion, contrast=cfg.contrast, tau=cfg.tau,
-                length_buckets=cfg.length_buckets)
+                length_buckets=cfg.length_buckets, own_common=not self.merged)
         self.use_contrast = self.meie is not None and not cfg.no_disentangle
+        self.repeat = RepeatHead(d, catalogue.n_behaviors) if cfg.repeat else None
         if cfg.scorer == "linear":  # Eq. 23: p(i | y) = softmax(W y + b)
             self.out = nn.Linear(d, catalogue.n_items + 1)
-        else:  # tied: dot product with the item id representations, plus a bias
+        else:  # tied: dot product with the item vectors (ItemInput.item_vector), plus a bias
             self.out_bias = nn.Parameter(torch.zeros(catalogue.n_items + 1))
 
     # ------------------------------------------------------------------------------ forward
     def _inputs(self, batch: SequenceBatch) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
         """Eq. 3-5 plus positions: streams padded to one length L → aux/tgt dicts of [B, L, d], times [B, L]."""
         L = max(batch.aux_items.shape[1], batch.tgt_items.shape[1])
-        if L > self.cfg.max_positions:
-            raise input_error("config key model.max_positions",
-                              f"sequence length {L} exceeds max_positions={self.cfg.max_positions}",
-                              f"Set --set model.max_positions={L} or lower data.max_len")
+        self._check_length(L)
         aux_items, tgt_items = _pad_to(batch.aux_items, L, PAD), _pad_to(batch.tgt_items, L, PAD)
         aux_beh = _pad_to(batch.aux_behaviors, L, PAD)
         aux_times, tgt_times = _pad_to(batch.aux_times, L, PAD_TIME), _pad_to(batch.tgt_times, L, PAD_TIME)
@@ -168,10 +312,42 @@ class M3BSR(SequentialRecommender):
         tgt = {m: self.drop(x + extra_tgt) for m, x in self.input(tgt_items).items()}
         return aux, tgt, aux_times, tgt_times
 
-    def _forward(self, batch: SequenceBatch, need_loss: bool) -> tuple[Tensor, dict[str, Tensor], tuple]:
-        """→ reps [B, P, d], weighted auxiliary loss terms, (experts pass 1, pass 2) or ()."""
+    def _check_length(self, L: int) -> None:
+        if L > self.cfg.max_positions:
+            raise input_error("config key model.max_positions",
+                              f"sequence length {L} exceeds max_positions={self.cfg.max_positions}",
+                              f"Set --set model.max_positions={L} or lower data.max_len")
+
+    def _merged_stream(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """Both streams interleaved by time: items, behaviors, times [B, La + Lt] (padding last)."""
+        return merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times, batch.tgt_items,
+                             batch.tgt_times, self.target_behavior)
+
+    def _backbone(self, batch: SequenceBatch) -> Tensor:
+        """The merged common expert: ``x_j = LN(drop(√d · e_item + pos_j + behavior_j))``, a causal
+        Transformer (an event sees events up to its own time), read at the latest event strictly
+        before each query (a learned null vector when there is none) → [B, P, d]."""
+        items, behaviors, times = self._merged_stream(batch)
+        B, L = items.shape
+        self._check_length(L)
+        pos = self.pos_merged(torch.arange(L, device=items.device))  # [L, d]
+        x = self.input.item_vector(items) * math.sqrt(self.cfg.hidden_size) + pos + self.behavior(behaviors)
+        x = self.merged_ln(self.drop(x))  # [B, L, d]
+        index, found = latest_index_before(times, batch.query_times)  # [B, P]
+        rows_only = not self.training and index.shape[1] < L
+        h = self.backbone(x, time_mask(times, times, strict=False), index, last_only=rows_only)  # [B, P, d]
+        return or_null(h, found, self.backbone_null)
+
+    def _forward(self, batch: SequenceBatch, need_loss: bool) -> M3BSROutput:
+        """The whole pass: fused interest y [B, P, d], the weighted auxiliary loss terms and, when the
+        disentanglement loss needs them, the expert vectors of one or two dropout passes."""
         cfg = self.cfg
-        aux, tgt, aux_times, tgt_times = self._inputs(trim_padding(batch))
+        batch = trim_padding(batch)
+        q = batch.query_times
+        common = self._backbone(batch) if self.merged else None  # [B, P, d]
+        if self.meie is None and common is not None:  # no specific experts: the backbone alone
+            return M3BSROutput(common)
+        aux, tgt, aux_times, tgt_times = self._inputs(batch)
         terms: dict[str, Tensor] = {}
         if self.cdmd_m is not None:  # Eq. 6-10
             aux_c, tgt_c, loss_m = self.cdmd_m(aux, tgt, aux_times, tgt_times, need_loss)
@@ -183,45 +359,49 @@ class M3BSR(SequentialRecommender):
             aux = {**aux, **aux_b}
             if need_loss:
                 terms["diff_b"] = cfg.lambda_b * loss_b
-        q = batch.query_times
         if self.meie is None:  # w/o MEIE: causal mean of the 2M sequences, averaged
             pooled = [causal_mean_pool(s[m], t, q) for s, t in ((aux, aux_times), (tgt, tgt_times))
                       for m in self.modalities]
-            return torch.stack(pooled).mean(0), terms, ()
-        two = need_loss and self.use_contrast and cfg.contrast == "disentangle"
-        if two:  # NOTE: contrast DECIDED (spec 2.4) — a second dropout pass through the experts (the
-            # denoised tokens are shared) gives the InfoNCE positives of Eq. 20; both passes run as 2B windows.
-            B = q.shape[0]
-            cat2 = lambda d_: {m: torch.cat([x, x]) for m, x in d_.items()}  # noqa: E731
-            experts = self.meie(cat2(aux), cat2(tgt), torch.cat([aux_times] * 2), torch.cat([tgt_times] * 2),
-                                torch.cat([q, q]))
-            pair = (experts[:B], experts[B:])
-        else:
-            experts = self.meie(aux, tgt, aux_times, tgt_times, q)
-            pair = (experts, None)
-        return self.meie.fuse(pair[0]), terms, pair
+            return M3BSROutput(torch.stack(pooled).mean(0), terms)
+        experts = self.meie(aux, tgt, aux_times, tgt_times, q, common)  # Eq. 14-19 → [B, P, E, d]
+        second = None
+        if need_loss and self.use_contrast and cfg.contrast == "disentangle":
+            # NOTE: contrast DECIDED (docs/model.md) — a second dropout pass through the experts (the
+            # denoised tokens are shared) gives the InfoNCE positives of Eq. 20.
+            common2 = self._backbone(batch) if self.merged else None
+            second = self.meie(aux, tgt, aux_times, tgt_times, q, common2)
+        return M3BSROutput(self.meie.fuse(experts), terms, experts, second)  # Eq. 21-22
 
     def represent(self, batch: SequenceBatch) -> Tensor:
         """[B, P, d]: the fused interest y (Eq. 22) at every query, in one pass per window."""
-        return self._forward(batch, need_loss=False)[0]
+        return self._forward(batch, need_loss=False).reps
 
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
         if self.cfg.scorer == "linear":
             return self.out.weight, self.out.bias
         items = torch.arange(self.n_items + 1, device=self.out_bias.device)
-        return self.input.id_repr(items), self.out_bias
+        return self.input.item_vector(items), self.out_bias
+
+    def history_bonus(self, reps: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor] | None:
+        """Repeat head (docs/model.md): the items of both streams before each query and their bonus,
+        ``([B, P, H], [B, P, H])``; None without ``repeat``."""
+        if self.repeat is None:
+            return None
+        items, behaviors, times = self._merged_stream(trim_padding(batch))
+        bonus = self.repeat(reps, self.input.item_vector(items), behaviors, times, batch.query_times)
+        return items.unsqueeze(1).expand_as(bonus), bonus
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Eq. 25, each term already weighted: ``main`` (Eq. 24), ``contrast`` (λ_c, Eq. 20),
         ``diff_m`` (λ_m, Eq. 10), ``diff_b`` (λ_b, Eq. 13); absent modules give absent terms."""
-        reps, terms, pair = self._forward(batch, need_loss=True)
-        out = {"main": self.main_loss(reps, batch), **terms}
+        out = self._forward(batch, need_loss=True)
+        terms = {"main": self.main_loss(out.reps, batch), **out.terms}
         if self.use_contrast:
             mask = batch.query_mask
             window = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-            e2 = pair[1][mask] if pair[1] is not None else None
-            out["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(pair[0][mask], e2, window)
-        return out
+            e2 = out.second[mask] if out.second is not None else None
+            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(out.experts[mask], e2, window)
+        return terms
 
     # ------------------------------------------------------------------------------ reference path
     @torch.no_grad()
