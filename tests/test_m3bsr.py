@@ -88,6 +88,7 @@ CONFIGS = [
     ("model.no_specific_experts=true",),
     ("model.fusion=gate", "model.id_input=mlp16", "model.scorer=linear", "model.repeat=false"),
     ("model.common_expert=cross", "model.item_content=false", "model.feature_norm=none"),
+    ("model.content_gate=false",),
     ("model.no_shared_expert=true", "model.share_specific_experts=false"),
     (PAPER,),
     (PAPER, "model.denoise_output=reverse_chain", "model.T_m=4", "model.T_b=3"),
@@ -104,7 +105,7 @@ def open_gates(model: M3BSR, seed: int = 1) -> M3BSR:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, prm in model.named_parameters():
-            if name == "meie.gate" or name.startswith("repeat."):
+            if name in ("meie.gate", "input.content_gate") or name.startswith("repeat."):
                 prm.copy_(torch.randn(prm.shape, generator=g) * 0.5)
     return model
 
@@ -168,10 +169,11 @@ def test_tables_start_small_so_items_are_told_apart():
 
 
 def test_closed_gates_give_exactly_the_backbone():
-    """Default preset: the paper's branches (specific experts with CDMD-M/B, repeat head) start closed,
-    so the full model's scores equal those of the backbone alone with the same shared weights."""
+    """Default preset: the branches (content in the item vectors, the specific experts with CDMD-M/B,
+    the repeat head) start closed, so the full model's scores equal those of the id-only backbone
+    with the same shared weights."""
     full = make_model().eval()
-    backbone = make_model("model.no_specific_experts=true", "model.repeat=false").eval()
+    backbone = make_model("model.no_specific_experts=true", "model.repeat=false", "model.item_content=false").eval()
     shared = {k: v for k, v in full.state_dict().items() if k in backbone.state_dict()}
     assert set(shared) == set(backbone.state_dict())
     backbone.load_state_dict(shared)

@@ -37,11 +37,11 @@ from m3bsr.models.repeat import RepeatHead
 
 PRESETS: dict[str, dict[str, object]] = {
     # The printed architecture (docs/model.md "presets"), with only the initialisation defect fixed.
-    "paper": dict(id_input="mlp16", feature_norm="none", item_content=False, scorer="linear",
+    "paper": dict(id_input="mlp16", feature_norm="none", item_content=False, content_gate=False, scorer="linear",
                   common_expert="cross", fusion="gate", repeat=False, no_specific_experts=False,
                   no_cdmd_b=False, no_disentangle=False),
     # The best design measured on validation (docs/results.md "ladder"); every entry is its own key.
-    "default": dict(id_input="full", feature_norm="standardize", item_content=True, scorer="tied",
+    "default": dict(id_input="full", feature_norm="standardize", item_content=True, content_gate=True, scorer="tied",
                     common_expert="merged", fusion="residual", repeat=True, no_specific_experts=False,
                     no_cdmd_b=False, no_disentangle=False),
 }
@@ -66,6 +66,8 @@ class M3BSRConfig(BaseModelConfig):
         "with the projection initialised at the id table's scale")
     item_content: bool = Field(True, description="content projections join the item vector used as input "
                                "(merged backbone) and, with the tied scorer, for scoring")
+    content_gate: bool = Field(True, description="with item_content: the content part of the item vector is "
+                               "scaled by a learned [d] gate that starts at zero (the model starts id-only)")
     common_expert: Literal["cross", "merged"] = Field(
         "merged", description="cross = Eq. 16-17 (click queries, favor keys, read at the latest click); "
         "merged = causal Transformer over both streams by time, read at the latest event (the backbone)")
@@ -142,14 +144,16 @@ class ItemInput(nn.Module):
     learned "missing" vector. ``feature_norm="standardize"`` z-scores each feature dimension over
     the catalogue's items first (features such as CNN activations share one large mean direction),
     divides by the width and starts the projection at the id table's scale. :meth:`item_vector` is the item's single
-    vector (id + content with ``item_content``), used by the merged backbone and the tied scorer.
+    vector (id + content with ``item_content``, the content part behind a zero-initialised [d] gate
+    with ``content_gate``), used by the merged backbone and the tied scorer.
     """
 
     def __init__(self, cfg: M3BSRConfig, catalogue: Catalogue):
         super().__init__()
         d = cfg.hidden_size
         self.full = cfg.id_input == "full"
-        self.item_content = cfg.item_content
+        self.item_content = cfg.item_content and bool(catalogue.features)
+        self.content_gate = nn.Parameter(torch.zeros(d)) if self.item_content and cfg.content_gate else None
         width, side_width = (d, d) if self.full else (cfg.id_dim, cfg.side_dim)
         self.id_emb = nn.Embedding(catalogue.n_items + 1, width, padding_idx=PAD)
         self.sides = list(catalogue.side_ids)
@@ -202,10 +206,10 @@ class ItemInput(nn.Module):
     def item_vector(self, items: Tensor) -> Tensor:
         """One vector per item: id, plus every content modality when ``item_content``. [*] → [*, d]."""
         x = self.id_repr(items)
-        if self.item_content:
-            for m in self.content:
-                x = x + self.content_repr(m, items)
-        return x
+        if not self.item_content:
+            return x
+        content = sum(self.content_repr(m, items) for m in self.content)
+        return x + (content if self.content_gate is None else self.content_gate.to(content.dtype) * content)
 
 
 def _init_table(table: nn.Embedding) -> None:
