@@ -4,7 +4,7 @@ Both the data layer (which builds them) and the models (which consume them) impo
 module; neither imports the other.
 
 Time is the per-user event rank in (timestamp, input order). A representation for a query at
-time ``q`` may use only events with time ``< q`` (spec 2a). Sequences are left-aligned
+time ``q`` may use only events with time ``< q`` (docs/architecture.md). Sequences are left-aligned
 (right-padded): token ``j`` of a sequence sits at position ``j`` counted from the window start,
 so a per-target reference pass and the all-targets pass see the same positions.
 """

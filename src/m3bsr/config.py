@@ -62,7 +62,7 @@ class TrainConfig(StrictModel):
 
 
 class EvalConfig(StrictModel):
-    """Evaluation protocols (spec section 5)."""
+    """Evaluation protocols (docs/training.md "Evaluation protocols")."""
 
     exclude: Literal["target", "none", "all"] = Field(
         "target", description="full ranking: mask items of the user's target history (positive never masked)"

@@ -2,7 +2,7 @@
 
 Training windows hold up to ``max_len`` training targets of one user (chunks from the end of the
 target sequence) and the most recent ``max_len`` auxiliary events before the window's last
-target; every target in the window is a query (the all-targets pass, spec 2a).
+target; every target in the window is a query (the all-targets pass, docs/architecture.md).
 Evaluation windows hold, for one valid/test target, the most recent ``max_len`` events of each
 behavior strictly before it, the stored sampled candidates, and the items to mask in full ranking.
 """

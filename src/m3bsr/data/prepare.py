@@ -1,6 +1,6 @@
 """``m3bsr prepare``: event log → filter → remap → order → split → candidates → prepared dir (atomic).
 
-Pipeline (spec section 5, see docs/data.md):
+Pipeline (the paper's protocol, see docs/data.md):
 
 1. read the event log (any reader) and check behaviors (target present, no unknown names);
 2. keep the target and auxiliary behaviors (auxiliaries merge into one stream);

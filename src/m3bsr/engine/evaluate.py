@@ -1,4 +1,4 @@
-"""Both evaluation protocols, every time (spec section 5).
+"""Both evaluation protocols, every time (docs/training.md "Evaluation protocols").
 
 * ``sampled``: rank the positive among the stored candidates (``batch.candidates``, positive first).
 * ``full``: rank the positive against the whole catalogue, item chunk by item chunk

@@ -1,7 +1,7 @@
 """Ranking metrics from 1-based ranks (pure functions, no torch).
 
 A rank is pessimistic: ``1 + #(other items whose score >= the positive's score)``, so ties count
-against the positive (spec section 5). For a rank ``r`` and cut-off ``K``:
+against the positive (docs/training.md "Evaluation protocols"). For a rank ``r`` and cut-off ``K``:
 
 * ``HR@K   = 1[r <= K]``
 * ``NDCG@K = 1[r <= K] / log2(r + 1)`` (one relevant item, so the ideal DCG is 1)

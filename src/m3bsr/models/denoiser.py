@@ -1,4 +1,4 @@
-"""Conditional diffusion denoisers (paper Eq. 6-13; spec section 3).
+"""Conditional diffusion denoisers (paper Eq. 6-13; docs/model.md "diffusion").
 
 * :class:`ConditionalDenoiser` is the noise estimator of Eq. 9 ("CI"), stacked for G groups so
   several denoisers run as one batched kernel.
@@ -36,7 +36,7 @@ class ConditionalDenoiser(nn.Module):
     """Noise estimator ε̂(x_t, t, cond) of Eq. 9, for G independent denoisers.
 
     ``q = x_t + W_t sinusoid(t)``; ``h = LN(q + CrossAttn(q, cond)); h = LN(h + FFN(h))``;
-    ``ε̂ = W_o h``. NOTE (spec 3, DECIDED): the paper gives the estimator no timestep input; we add
+    ``ε̂ = W_o h``. NOTE (docs/model.md, DECIDED): the paper gives the estimator no timestep input; we add
     the timestep embedding to the query. A learned null key per group is visible exactly to the
     queries whose condition is empty (e.g. a click before any favor), so they still attend somewhere;
     ``null_token=False`` drops it where a condition can never be empty (CDMD-M: a token sees itself).
@@ -85,7 +85,7 @@ def masked_mse(a: Tensor, b: Tensor, valid: Tensor) -> Tensor:
 class DiffusionDenoising(nn.Module):
     """G conditional denoisers sharing one schedule: the loss and the downstream output.
 
-    * x_0 = LayerNorm without affine parameters of the input feature (spec 3, scale DECIDED).
+    * x_0 = LayerNorm without affine parameters of the input feature (scale DECIDED, docs/model.md).
     * ``diffusion_loss="eps"`` (DECIDED default): t ~ U{1..T} per sequence,
       ``L = ||ε - ε̂(x_t, t, cond)||²``; ``"literal"`` (Eq. 10/13 as printed): the squared distance
       between the observed (noisy) feature and the denoised output.
@@ -110,7 +110,7 @@ class DiffusionDenoising(nn.Module):
         """``x`` [G, N, L, d] features, ``cond`` [G, N, Lc, d], ``mask`` [G|1, N, L, Lc],
         ``valid`` [G|1, N, L] real tokens → (denoised [G, N, L, d], loss scalar or None)."""
         G, N, L, d = x.shape
-        x_obs = normalize_x0(x)  # NOTE: scale DECIDED (spec 3) — x_0 cannot shrink to zero
+        x_obs = normalize_x0(x)  # NOTE: scale DECIDED (docs/model.md) — x_0 cannot shrink to zero
         sched = self.schedule
         pending = []  # the (x_t, t, ε) of the ε-loss, consumed by the first estimator call
         eps_loss = []

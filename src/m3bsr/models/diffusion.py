@@ -1,4 +1,4 @@
-"""The noise schedule of the conditional diffusion denoisers (paper Eq. 6-9; spec section 3).
+"""The noise schedule of the conditional diffusion denoisers (paper Eq. 6-9; docs/model.md "diffusion").
 
 Stateless and network-free (the diffusers scheduler habit): it knows ``T`` and the betas and
 offers ``add_noise`` (Eq. 7), ``step`` (Eq. 8) and ``x0`` (the one-shot estimate); the caller
@@ -50,7 +50,7 @@ class NoiseSchedule(nn.Module):
         """Eq. 7 in closed form: ``x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε``.
 
         Shapes: ``x0``, ``noise`` [..., d]; ``t`` integer with any leading shape of ``x0``.
-        NOTE: the paper's Eq. 1 writes the mean as (1 - β); we use the standard sqrt form (spec 3).
+        NOTE: the paper's Eq. 1 writes the mean as (1 - β); we use the standard sqrt form (docs/model.md).
         """
         return self._at(self.sqrt_alpha_bar, t, x0) * x0 + self._at(self.sqrt_one_minus_alpha_bar, t, x0) * noise
 
@@ -63,7 +63,7 @@ class NoiseSchedule(nn.Module):
         return (x_t - coef * eps_hat) / self._at(self.sqrt_alpha, t, x_t)
 
     def x0(self, x_t: Tensor, eps_hat: Tensor, t: Tensor) -> Tensor:
-        """One-shot estimate ``x_0 = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t)`` (spec 3, ``denoise_output=x0``)."""
+        """One-shot estimate ``x_0 = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t)`` (``denoise_output=x0``)."""
         return ((x_t - self._at(self.sqrt_one_minus_alpha_bar, t, x_t) * eps_hat)
                 / self._at(self.sqrt_alpha_bar, t, x_t))
 

@@ -1,4 +1,4 @@
-"""Multi-expert interest extraction, MEIE (paper Eq. 14-22; spec section 2 step 4).
+"""Multi-expert interest extraction, MEIE (paper Eq. 14-22; docs/model.md).
 
 Experts (E = 2M + 1 with M modalities, or 2M without the common expert):
 

@@ -4,7 +4,7 @@ Hidasi, Karatzoglou, Baltrunas & Tikk, "Session-based Recommendations with Recur
 Networks", ICLR 2016. Defaults follow the paper: one GRU layer, dropout 0.5 on the hidden
 output (its best RSC15 setting), a separate (untied) output layer with item biases.
 
-NOTE (ARCHITECTURE.md "Baseline training"): the paper's session-parallel mini-batches with
+NOTE (docs/baselines.md "Deviations from the papers"): the paper's session-parallel mini-batches with
 TOP1/BPR ranking losses are replaced by the project's training pass: every target position of a
 window, full-softmax cross-entropy. Items enter through an embedding instead of one-hot (the
 paper's embedding variant), so the hidden size is shared with every other model.

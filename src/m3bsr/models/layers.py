@@ -2,7 +2,7 @@
 
 Masks are boolean with True = "may attend" (the convention of
 ``torch.nn.functional.scaled_dot_product_attention``). Every attention in the models uses a
-time-aware mask (spec 2a), not only a padding mask.
+time-aware mask (docs/architecture.md "Time and causality"), not only a padding mask.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def latest_index_before(times: Tensor, query_times: Tensor) -> tuple[Tensor, Ten
 def gather_latest_before(x: Tensor, times: Tensor, query_times: Tensor, null: Tensor) -> Tensor:
     """Read ``x`` [B, L, d] at the latest token strictly before each query → [B, P, d].
 
-    A query with no earlier token reads the learned ``null`` vector [d] (spec 2a, pooling DECIDED).
+    A query with no earlier token reads the learned ``null`` vector [d] (pooling DECIDED, docs/model.md).
     """
     index, found = latest_index_before(times, query_times)
     out = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, P, d]

@@ -1,7 +1,7 @@
 """M3BSR: multi-modal multi-behavior sequential recommendation with conditional diffusion-based
 feature denoising (Cui et al., SIGIR 2025) — the paper's Eq. 3-25 assembled (docs/model.md).
 
-Pipeline per user window (one pass gives every query, docs/architecture.md "time causality"):
+Pipeline per user window (one pass gives every query, docs/architecture.md "Time and causality"):
 input layer (Eq. 3-5) → CDMD-M (Eq. 6-10) → CDMD-B (Eq. 11-13) → MEIE (Eq. 14-22) →
 prediction (Eq. 23-24); total loss Eq. 25. Modalities are ``id`` plus whatever content features
 the catalogue has (``image``, ``text``; none for id-only data, which turns CDMD-M off).

@@ -13,7 +13,7 @@ The paper's three parts, as implemented here:
   the target-behavior head gives the representation scored against the (tied) item embeddings.
 
 Defaults: 2 layers, 2 heads, dropout 0.1, 3 experts, 32 buckets (the paper follows BERT4Rec's sizes).
-NOTE (ARCHITECTURE.md "Baseline training"): the paper trains with BERT4Rec's cloze task; here the
+NOTE (docs/baselines.md "Deviations from the papers"): the paper trains with BERT4Rec's cloze task; here the
 model is causal (time-masked attention) and trained like the other causal baselines with full
 cross-entropy on every target position (``main``), plus the same next-item loss on auxiliary-behavior
 tokens through their own behavior head (``aux``, weight ``aux_weight``), so every behavior supervises

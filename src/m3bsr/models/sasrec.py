@@ -4,7 +4,7 @@ Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018. Defaults 
 paper: 2 blocks, 1 head, dropout 0.2 (its ML-1m setting), learned absolute positions, the
 output layer tied to the item embedding (score = <F_t, M_i>).
 
-NOTE (ARCHITECTURE.md "Baseline training"): trained by default with full-softmax cross-entropy
+NOTE (docs/baselines.md "Deviations from the papers"): trained by default with full-softmax cross-entropy
 on every query (Klenitskiy & Vasilev, RecSys 2023); ``loss = "bce"`` is the paper's binary
 cross-entropy with one uniformly sampled negative per position.
 
