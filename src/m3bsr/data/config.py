@@ -171,8 +171,8 @@ def load_prepare_config(preset: str | None = None, config: str | Path | None = N
         first = e.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, _known_keys(PrepareConfig), n=3)
-            hint = f"Did you mean {', '.join(close)}?" if close else "See docs/data.md for the keys"
+            close = difflib.get_close_matches(key, _known_keys(PrepareConfig), n=1)
+            hint = f"Did you mean {close[0]}?" if close else "See docs/data.md for the keys"
             raise input_error(where, f"unknown prepare key {key!r}", hint) from None
         if first["type"] == "missing":
             raise input_error(where, f"prepare key {key!r} is required",
