@@ -19,6 +19,7 @@ from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine import checkpoint as ckpt
 from m3bsr.engine.evaluate import evaluate_run
 from m3bsr.engine.train import NonFiniteLoss, resume, train
+from m3bsr.errors import InputError
 from m3bsr.models import registry
 from m3bsr.models.base import SequentialRecommender
 
@@ -208,6 +209,19 @@ def test_cli_train_resume_and_config_roundtrip(tiny_prepared, tmp_path, capsys):
     # a run's config.yaml is a valid --config (its dataset: key is used when --dataset is absent)
     assert cli(["train", "--config", str(run / "config.yaml"), "--quiet", "--out", str(tmp_path / "r2")]) == 0
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["epochs"] == 2
+
+
+def test_model_names_are_case_insensitive(tiny_prepared, tmp_path):
+    from m3bsr.compare import parse_models
+
+    assert build_config({}, model="SASRec").model.name == "sasrec"
+    assert build_config({"model": {"name": "M3BSR"}}).model.name == "m3bsr"
+    assert parse_models("SASRec, POP") == ["sasrec", "pop"]
+    assert cli(["train", "--dataset", str(tiny_prepared), "--model", "Pop", "--device", "cpu", "--quiet",
+                "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["model"] == "pop"
+    with pytest.raises(InputError, match="unknown model.*Choose one of"):
+        build_config({}, model="SASRecX")
 
 
 def test_progress_bars_and_log_lines(tiny_prepared, tmp_path, capsys):

@@ -175,7 +175,7 @@ def build_config(raw: dict[str, Any] | None = None, *, model: str | None = None,
     ``model`` (a registered model name) takes precedence over ``raw['model']['name']``.
     Raises :class:`InputError` naming the first bad key.
     """
-    from m3bsr.models.registry import model_config_class
+    from m3bsr.models.registry import canonical_name, model_config_class
 
     raw = copy.deepcopy(raw or {})
     if not isinstance(raw, dict):
@@ -188,7 +188,7 @@ def build_config(raw: dict[str, Any] | None = None, *, model: str | None = None,
     for text in overrides:
         path, value = parse_override(text)
         set_dotted(raw, path, value)
-    name = raw["model"].get("name", "m3bsr")
+    name = canonical_name(raw["model"].get("name", "m3bsr"))  # any case: SASRec → sasrec
     raw["model"]["name"] = name
     cfg_cls = model_config_class(name)
     try:
