@@ -286,6 +286,32 @@ def test_unknown_config_key_one_suggestion_or_owner(key, message):
     assert str(e.value).count("Did you mean") <= 1 and ", train." not in str(e.value)
 
 
+def test_help_describes_every_command_and_option():
+    """Every subcommand has a description or help line; every option and argument has help; `train` shows
+    its default model; the model list in the help is the registry's."""
+    import argparse
+
+    from m3bsr.cli import MODELS, build_parser
+    from m3bsr.models.registry import model_names
+
+    assert MODELS.split(", ") == [m for m in model_names() if m != "tiny"]
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    todo = list(commands.choices.items())
+    while todo:
+        name, sub = todo.pop()
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        todo += [(f"{name} {n}", p) for a in nested for n, p in a.choices.items()]
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+                if action.default not in (None, False, [], argparse.SUPPRESS) and action.dest != "help":
+                    assert "default" in action.help, f"{name} {action.option_strings}: default not shown"
+    for name in ("train", "evaluate"):
+        assert commands.choices[name].description, name
+    assert "else m3bsr" in commands.choices["train"].format_help()
+
+
 def test_matrix_size():
     assert len(CASES) >= 20
 
