@@ -228,6 +228,10 @@ def test_progress_bars_and_log_lines(tiny_prepared, tmp_path, capsys):
     train(cfg_for(**{"train.max_epochs": 1}), tiny_prepared, tmp_path / "bars", quiet=False)
     captured = capsys.readouterr()
     assert "epoch 1" in captured.out and "test full" in captured.out
+    # the run's identity (model, dataset, windows, targets, device) is on the console, not only in train.log
+    head = f"model tiny on {tiny_prepared} (45 windows, "
+    assert head in captured.out.splitlines()[0] and "device cpu" in captured.out.splitlines()[0]
+    assert head in (tmp_path / "bars" / "train.log").read_text()
     train(cfg_for(**{"train.max_epochs": 1, "train.log_every": 2}), tiny_prepared, tmp_path / "q", quiet=True)
     out = capsys.readouterr().out
     assert "epoch 1 step 2/6 loss" in out and "targets/s" in out

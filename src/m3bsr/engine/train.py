@@ -213,7 +213,7 @@ def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt"
 def fit(s: Session, state: TrainState) -> dict:
     """Epochs until max_epochs or patience (one pass for a ``fit_once`` model), then test once on the best."""
     s.log(f"model {s.cfg.model.name} on {s.dataset} ({len(s.train_windows)} windows, "
-          f"{s.train_windows.n_targets} targets) device {s.device}", echo=s.quiet)
+          f"{s.train_windows.n_targets} targets) device {s.device}", echo=True)  # says which model is trained
     once = fits_once(s)
     while not (state.epoch >= 1 if once else should_stop(s.cfg, state)):
         state.epoch += 1
