@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=Path, help="file of user ids, one per line")
     p.add_argument("--k", type=int, default=10, help="items per user (default: %(default)s)")
     p.add_argument("--exclude-seen", action="store_true", help="mask items the user interacted with")
-    p.add_argument("--out", type=Path, metavar="FILE", help="write the rows to FILE (.csv or .jsonl) instead of "
+    p.add_argument("--out", type=Path, metavar="FILE", help="write the rows to FILE (.csv, .jsonl or .parquet) instead of "
                    "printing CSV on stdout")
     _common(p)
 
