@@ -24,6 +24,7 @@ import yaml
 from conftest import make_tiny_prepared
 
 from m3bsr.cli import main as cli_main
+from m3bsr.config import build_config
 from m3bsr.errors import InputError
 
 PREPARE_CFG = {"name": "t", "events": {"path": "events.csv", "integer_ids": True},
@@ -191,7 +192,10 @@ CASES: dict[str, tuple[Callable[[Ctx], Setup], list[str]]] = {
     "config_wrong_type": (lambda c: _train(c, config={"train": {"lr": "fast"}}),
                           ["run.yaml", "config key 'train.lr'", "'fast'", "Fix the value"]),
     "set_unknown_key": (lambda c: _train(c, "--set", "train.epochs=3"),
-                        ["--set", "unknown config key 'train.epochs'", "Did you mean"]),
+                        ["--set", "unknown config key 'train.epochs'", "Did you mean train.max_epochs?"]),
+    "set_key_of_other_model": (lambda c: _train(c, "--set", "model.no_meie=true"),
+                               ["--set", "config key 'model.no_meie' does not apply to model 'pop'",
+                                "Only model m3bsr has it", "--model m3bsr"]),
     "run_dir_exists": (_run_exists, ["run: run directory already exists", "--overwrite", "--resume"]),
     "train_out_under_file": (lambda c: _out_under_file(c, "train"),
                              ["a_file/x: cannot write here ('", "a_file' is a file, not a folder",
@@ -266,6 +270,46 @@ def _setup(case: str, tmp_path: Path, trained) -> tuple[Setup, list[str], dict[P
     build, fragments = CASES[case]
     setup = build(Ctx(tmp_path, trained))
     return setup, fragments, {folder: _snapshot(folder) for folder in setup.unchanged}
+
+
+@pytest.mark.parametrize("key, message", [
+    ("train.max_epoch", "unknown config key 'train.max_epoch'. Did you mean train.max_epochs?"),
+    ("model.n_layer", "unknown config key 'model.n_layer'. Did you mean model.n_layers?"),
+    ("model.input", "config key 'model.input' does not apply to model 'm3bsr'. Only models gru4rec, sasrec, "
+                    "bert4rec, mmsasrec have it"),
+])
+def test_unknown_config_key_one_suggestion_or_owner(key, message):
+    """One best suggestion for a typo (not three); a key of other models names those models."""
+    with pytest.raises(InputError) as e:
+        build_config({}, model="m3bsr", overrides=[f"{key}=1"])
+    assert message in str(e.value), str(e.value)
+    assert str(e.value).count("Did you mean") <= 1 and ", train." not in str(e.value)
+
+
+def test_help_describes_every_command_and_option():
+    """Every subcommand has a description or help line; every option and argument has help; `train` shows
+    its default model; the model list in the help is the registry's."""
+    import argparse
+
+    from m3bsr.cli import MODELS, build_parser
+    from m3bsr.models.registry import model_names
+
+    assert MODELS.split(", ") == [m for m in model_names() if m != "tiny"]
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    todo = list(commands.choices.items())
+    while todo:
+        name, sub = todo.pop()
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        todo += [(f"{name} {n}", p) for a in nested for n, p in a.choices.items()]
+        for action in sub._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+                if action.default not in (None, False, [], argparse.SUPPRESS) and action.dest != "help":
+                    assert "default" in action.help, f"{name} {action.option_strings}: default not shown"
+    for name in ("train", "evaluate"):
+        assert commands.choices[name].description, name
+    assert "else m3bsr" in commands.choices["train"].format_help()
 
 
 def test_matrix_size():

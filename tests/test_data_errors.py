@@ -185,6 +185,14 @@ def test_unknown_config_key(src, capsys):
     _expect_error(src, capsys, "min_user_event=3", match="unknown prepare key 'min_user_event'")
 
 
+def test_misspelt_section_is_reported_as_unknown_not_missing(src, capsys):
+    cfg = dict(CONFIG)
+    cfg["behaviours"] = cfg.pop("behaviors")  # British spelling: `behaviors` is now also missing
+    (src.parent / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    line = _expect_error(src, capsys, match="unknown prepare key 'behaviours'")
+    assert "Did you mean behaviors?" in line and "required" not in line
+
+
 def test_existing_different_output(src, capsys):
     rc, _, out = _run(src, capsys)
     assert rc == 0

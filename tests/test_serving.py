@@ -190,16 +190,23 @@ def test_cli_recommend_single_and_batch(runs, tmp_path, capsys):
     assert [ln.split(",")[1] for ln in lines[1:]] == ["1", "2", "3"]
     users = tmp_path / "users.txt"
     users.write_text("u1\n\n# comment\nu4\nu9\n")
-    for ext in ("csv", "jsonl"):
+    frames = {}
+    for ext in ("csv", "jsonl", "parquet"):
         out = tmp_path / f"recs.{ext}"
         assert cli_main(["recommend", str(runs["sasrec"]), "--users", str(users), "--k", "4",
                          "--exclude-seen", "--out", str(out), "--quiet"]) == 0
-        df = pd.read_csv(out, dtype={"item": str}) if ext == "csv" else pd.read_json(out, lines=True)
+        read = {"csv": lambda p: pd.read_csv(p, dtype={"item": str}), "jsonl": lambda p: pd.read_json(p, lines=True),
+                "parquet": pd.read_parquet}[ext]
+        df = frames[ext] = read(out)
         assert list(df.columns) == ["user", "rank", "item", "score"] and len(df) == 12
         assert df.groupby("user")["rank"].apply(list).to_dict() == {u: [1, 2, 3, 4] for u in ("u1", "u4", "u9")}
     rec = Recommender.from_run(runs["sasrec"])
     expect = rec.recommend_users(["u4"], k=4, exclude_seen=True)[0]
     assert df[df.user == "u4"].item.tolist() == [r.item for r in expect]
+    assert frames["parquet"].item.tolist() == frames["csv"].item.tolist()
+    assert cli_main(["recommend", str(runs["sasrec"]), "--user", "u1", "--out", str(tmp_path / "one.parquet")]) == 0
+    assert f"wrote 10 rows for 1 users to {tmp_path / 'one.parquet'}" in capsys.readouterr().err
+    assert np.allclose(frames["parquet"].score, frames["csv"].score)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -14,9 +14,12 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.cli import main as cli
 from m3bsr.config import BaseModelConfig, build_config
+from m3bsr.data.batches import WindowBuilder
+from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine import checkpoint as ckpt
 from m3bsr.engine.evaluate import evaluate_run
 from m3bsr.engine.train import NonFiniteLoss, resume, train
+from m3bsr.errors import InputError
 from m3bsr.models import registry
 from m3bsr.models.base import SequentialRecommender
 
@@ -128,15 +131,26 @@ def test_learning_beats_popularity(tiny_prepared, tmp_path):
     assert tiny["valid"]["full"]["NDCG@10"] > pop["valid"]["full"]["NDCG@10"] + 0.05
 
 
-def test_pop_trains_without_gradients(tiny_prepared, tmp_path):
-    m = train(cfg_for("pop", **{"train.max_epochs": 2}), tiny_prepared, tmp_path / "pop", quiet=True)
-    assert m["epochs"] == 2 and m["valid"]["sampled"]["HR@20"] > 0
+def test_pop_is_fitted_once_without_epochs(tiny_prepared, tmp_path, capsys):
+    m = train(cfg_for("pop", **{"train.max_epochs": 5}), tiny_prepared, tmp_path / "pop", quiet=False)
+    assert m["epochs"] == 1 and m["best_epoch"] == 1 and m["stop_reason"] == "fitted"
+    assert m["valid"]["sampled"]["HR@20"] > 0
+    captured = capsys.readouterr()  # no progress bar (stderr), no fake loss
+    assert "fitted in one pass" in captured.out and "loss" not in captured.out + captured.err
+    assert "epoch 1" not in captured.err
+    records = [json.loads(line) for line in (tmp_path / "pop" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["loss"] == {}
+    counts = torch.load(tmp_path / "pop" / "best.pt", weights_only=True)["model"]["counts"]
+    n_targets = WindowBuilder(PreparedDataset.load(tiny_prepared), 10).train_windows().n_targets
+    assert float(counts.sum()) == n_targets  # every training target counted exactly once
+    # the same metrics.json fields as a model trained by epochs
+    assert set(m) == set(train(cfg_for(**{"train.max_epochs": 1}), tiny_prepared, tmp_path / "t", quiet=True))
 
 
 def test_early_stopping_uses_patience(tiny_prepared, tmp_path):
-    m = train(cfg_for("pop", **{"train.max_epochs": 50, "train.patience": 2}), tiny_prepared, tmp_path / "p",
-              quiet=True)
-    # pop's ranking never changes after epoch 1 → no improvement in epochs 2, 3 → stop at 3
+    # lr 1e-12 leaves float32 weights unchanged → same ranking, no improvement in epochs 2, 3 → stop at 3
+    m = train(cfg_for(**{"train.max_epochs": 50, "train.patience": 2, "train.lr": 1e-12, "model.dropout": 0.0}),
+              tiny_prepared, tmp_path / "p", quiet=True)
     assert m["best_epoch"] == 1 and m["epochs"] == 3 and m["stop_reason"] == "patience"
 
 
@@ -197,10 +211,27 @@ def test_cli_train_resume_and_config_roundtrip(tiny_prepared, tmp_path, capsys):
     assert json.loads((tmp_path / "r2" / "metrics.json").read_text())["epochs"] == 2
 
 
+def test_model_names_are_case_insensitive(tiny_prepared, tmp_path):
+    from m3bsr.compare import parse_models
+
+    assert build_config({}, model="SASRec").model.name == "sasrec"
+    assert build_config({"model": {"name": "M3BSR"}}).model.name == "m3bsr"
+    assert parse_models("SASRec, POP") == ["sasrec", "pop"]
+    assert cli(["train", "--dataset", str(tiny_prepared), "--model", "Pop", "--device", "cpu", "--quiet",
+                "--out", str(tmp_path / "r")]) == 0
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["model"] == "pop"
+    with pytest.raises(InputError, match="unknown model.*Choose one of"):
+        build_config({}, model="SASRecX")
+
+
 def test_progress_bars_and_log_lines(tiny_prepared, tmp_path, capsys):
-    train(cfg_for("pop", **{"train.max_epochs": 1}), tiny_prepared, tmp_path / "bars", quiet=False)
+    train(cfg_for(**{"train.max_epochs": 1}), tiny_prepared, tmp_path / "bars", quiet=False)
     captured = capsys.readouterr()
     assert "epoch 1" in captured.out and "test full" in captured.out
+    # the run's identity (model, dataset, windows, targets, device) is on the console, not only in train.log
+    head = f"model tiny on {tiny_prepared} (45 windows, "
+    assert head in captured.out.splitlines()[0] and "device cpu" in captured.out.splitlines()[0]
+    assert head in (tmp_path / "bars" / "train.log").read_text()
     train(cfg_for(**{"train.max_epochs": 1, "train.log_every": 2}), tiny_prepared, tmp_path / "q", quiet=True)
     out = capsys.readouterr().out
     assert "epoch 1 step 2/6 loss" in out and "targets/s" in out

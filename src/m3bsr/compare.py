@@ -38,7 +38,7 @@ from m3bsr import atomic
 from m3bsr.config import Config, build_config, parse_override
 from m3bsr.engine.metrics import metric_names
 from m3bsr.errors import input_error
-from m3bsr.models.registry import model_config_class, model_names
+from m3bsr.models.registry import canonical_name, model_config_class, model_names
 
 SPLITS = ("valid", "test")
 PROTOCOLS = ("sampled", "full")
@@ -51,7 +51,9 @@ FORCED = ["train.eval_test=true"]  # compare needs the test metrics of every run
 def parse_models(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     known = model_names()
-    bad = [n for n in names if n not in known]
+    by_lower = {k.lower(): k for k in known}
+    bad = [n for n in names if n.lower() not in by_lower]
+    names = [by_lower.get(n.lower(), n) for n in names]  # any case: SASRec → sasrec
     if not names or bad:
         raise input_error(f"--models {text!r}", f"unknown model {bad[0]!r}" if bad else "no model given",
                           f"Choose from: {', '.join(known)}")
@@ -95,11 +97,12 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
     shared_model = {k: v for k, v in (raw.pop("model", None) or {}).items() if k != "name"}
     fields = {m: set(model_config_class(m).model_fields) for m in models}
     per_train: dict[str, dict[str, Any]] = {}
-    for name in list(per_model):
-        if name not in model_names():
-            raise input_error(f"{source}: models.{name}", "unknown model",
+    for given in list(per_model):
+        if given.lower() not in {k.lower() for k in model_names()}:
+            raise input_error(f"{source}: models.{given}", "unknown model",
                               f"Use one of: {', '.join(model_names())}")
-        per_model[name] = dict(per_model[name] or {})
+        name = canonical_name(given)
+        per_model[name] = dict(per_model.pop(given) or {})
         per_train[name] = dict(per_model[name].pop("train", None) or {})
         for key in per_train[name]:
             if key not in PER_MODEL_TRAIN:

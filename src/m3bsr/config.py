@@ -145,12 +145,24 @@ def set_dotted(raw: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def models_with_key(key: str) -> list[str]:
+    """Registered models whose runs accept the dotted ``key`` (e.g. ``model.no_meie`` → ``["m3bsr"]``)."""
+    from m3bsr.models.registry import model_names
+
+    return [name for name in model_names() if key in known_keys(name)]
+
+
 def _explain(err: ValidationError, model_name: str, source: str, prefix: str = "") -> InputError:
     first = err.errors()[0]
     key = prefix + ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(key, known_keys(model_name), n=3)
-        hint = f"Did you mean {', '.join(close)}?" if close else "Run `m3bsr train --help` for the config keys."
+        owners = models_with_key(key)
+        if owners:
+            which = (f"model {owners[0]} has it; drop it or pass --model {owners[0]}" if len(owners) == 1 else
+                     f"models {', '.join(owners)} have it; drop it or pass --model with one of them")
+            return input_error(source, f"config key {key!r} does not apply to model {model_name!r}", f"Only {which}")
+        close = difflib.get_close_matches(key, known_keys(model_name), n=1)
+        hint = f"Did you mean {close[0]}?" if close else "See docs/config.md for the config keys."
         return input_error(source, f"unknown config key {key!r}", hint)
     return input_error(source, f"config key {key!r}: {first['msg']} (got {first.get('input')!r})",
                        "Fix the value")
@@ -163,7 +175,7 @@ def build_config(raw: dict[str, Any] | None = None, *, model: str | None = None,
     ``model`` (a registered model name) takes precedence over ``raw['model']['name']``.
     Raises :class:`InputError` naming the first bad key.
     """
-    from m3bsr.models.registry import model_config_class
+    from m3bsr.models.registry import canonical_name, model_config_class
 
     raw = copy.deepcopy(raw or {})
     if not isinstance(raw, dict):
@@ -176,7 +188,7 @@ def build_config(raw: dict[str, Any] | None = None, *, model: str | None = None,
     for text in overrides:
         path, value = parse_override(text)
         set_dotted(raw, path, value)
-    name = raw["model"].get("name", "m3bsr")
+    name = canonical_name(raw["model"].get("name", "m3bsr"))  # any case: SASRec → sasrec
     raw["model"]["name"] = name
     cfg_cls = model_config_class(name)
     try:

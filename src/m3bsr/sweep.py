@@ -79,7 +79,7 @@ def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | Non
         rows.append(row)
     table = pd.DataFrame(rows).sort_values(f"valid_{base.train.monitor_metric}", ascending=False)
     atomic.write_text(out / "sweep.csv", table.to_csv(index=False))
-    header = (f"# Sweep: {model} on {dataset}\n\nValidation only ({base.train.monitor_protocol} protocol), "
+    header = (f"# Sweep: {base.model.name} on {dataset}\n\nValidation only ({base.train.monitor_protocol} protocol), "
               f"ranked by {base.train.monitor_metric}. Test was not evaluated.\n\n")
     atomic.write_text(out / "sweep.md", header + _markdown(table) + "\n")
     if emit_best is not None:

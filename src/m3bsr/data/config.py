@@ -168,11 +168,16 @@ def load_prepare_config(preset: str | None = None, config: str | Path | None = N
     try:
         return PrepareConfig.model_validate(raw)
     except ValidationError as e:
-        first = e.errors()[0]
+        # An unknown key first: a misspelt `behaviours:` also leaves `behaviors` missing, but the typo is the cause.
+        errors = e.errors()
+        first = next((err for err in errors if err["type"] == "extra_forbidden"), errors[0])
         key = ".".join(str(p) for p in first["loc"])
         if first["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, _known_keys(PrepareConfig), n=3)
-            hint = f"Did you mean {', '.join(close)}?" if close else "See docs/data.md for the keys"
+            leaves = _known_keys(PrepareConfig)
+            sections = {".".join(leaf.split(".")[:i]) for leaf in leaves  # e.g. behaviors, events.columns
+                        for i in range(1, leaf.count(".") + 1)}
+            close = difflib.get_close_matches(key, sorted(set(leaves) | sections), n=1)
+            hint = f"Did you mean {close[0]}?" if close else "See docs/data.md for the keys"
             raise input_error(where, f"unknown prepare key {key!r}", hint) from None
         if first["type"] == "missing":
             raise input_error(where, f"prepare key {key!r} is required",

@@ -5,7 +5,8 @@
 last.pt (weights, optimizer, RNG states, epoch, best-so-far, patience) → fit. ``fit`` = epochs of
 (train epoch → validate both protocols → update best / patience → checkpoints → record) until
 ``train.max_epochs`` or ``train.patience`` epochs without improvement of the monitored valid
-metric, then test ONCE on the best checkpoint.
+metric, then test ONCE on the best checkpoint. A model with ``fit_once`` (pop) gets one pass over the
+training windows instead of epochs (no loss, no progress bar; ``stop_reason`` is ``fitted``).
 
 Randomness: the model is initialised after :func:`m3bsr.seeding.seed_everything`; the batch order
 comes from a generator derived from the seed; dropout and model noise use the global torch RNG.
@@ -210,12 +211,15 @@ def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt"
 
 
 def fit(s: Session, state: TrainState) -> dict:
-    """Epochs until max_epochs or patience, then test once on the best checkpoint."""
+    """Epochs until max_epochs or patience (one pass for a ``fit_once`` model), then test once on the best."""
     s.log(f"model {s.cfg.model.name} on {s.dataset} ({len(s.train_windows)} windows, "
-          f"{s.train_windows.n_targets} targets) device {s.device}", echo=s.quiet)
-    while not should_stop(s.cfg, state):
+          f"{s.train_windows.n_targets} targets) device {s.device}", echo=True)  # says which model is trained
+    once = fits_once(s)
+    while not (state.epoch >= 1 if once else should_stop(s.cfg, state)):
         state.epoch += 1
-        stats = train_epoch(s, state)
+        stats = train_epoch(s, state, progress=not once)
+        if once:
+            stats["loss"] = {}  # nothing was optimised; no fake "loss 0.0000"
         t0 = time.perf_counter()
         valid, _ = distributed.evaluate_sharded(evaluate, s.model, s.valid_windows, s.dist_ctx, cfg=s.cfg.eval,
                                                 batch_size=s.cfg.train.eval_batch_size, device=s.device,
@@ -227,12 +231,19 @@ def fit(s: Session, state: TrainState) -> dict:
     return finish(s, state)
 
 
+def fits_once(s: Session) -> bool:
+    """True for a model fitted by one pass over the training windows (pop's counts): no epochs."""
+    return bool(getattr(s.model, "fit_once", False))
+
+
 def should_stop(cfg: Config, state: TrainState) -> bool:
     return state.epoch >= cfg.train.max_epochs or state.bad_epochs >= cfg.train.patience
 
 
-def train_epoch(s: Session, state: TrainState) -> dict[str, Any]:
-    """One pass over the shuffled training windows; returns mean loss terms and timing."""
+def train_epoch(s: Session, state: TrainState, progress: bool = True) -> dict[str, Any]:
+    """One pass over the shuffled training windows; returns mean loss terms and timing.
+
+    ``progress=False``: no bar and no step lines (a one-pass fit has no loss to show)."""
     s.model.train()
     sums: dict[str, float] = defaultdict(float)
     n_targets = skipped = 0
@@ -248,7 +259,7 @@ def train_epoch(s: Session, state: TrainState) -> dict[str, Any]:
         batches = ((b, True) for b in iterate_batches(s.train_windows, batch_size, shuffle=True,
                                                       generator=s.shuffle_gen, pin_memory=s.cuda))
     bar = tqdm(batches, total=total_steps, desc=f"epoch {state.epoch}", leave=False,
-               disable=s.quiet or not s.is_main, dynamic_ncols=True)
+               disable=s.quiet or not s.is_main or not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
     for step, (batch, real) in enumerate(bar, 1):
         if not real and not s.ddp:  # a pad window only serves DDP's all-reduce; pop has none
@@ -263,6 +274,8 @@ def train_epoch(s: Session, state: TrainState) -> dict[str, Any]:
             sums[name] += value * n
         n_targets += n
         rate = n_targets / max(time.perf_counter() - t0, 1e-9)
+        if not progress:
+            continue
         if not s.quiet:
             bar.set_postfix(loss=f"{sums['total'] / max(n_targets, 1):.4f}", tgt_s=f"{rate:.0f}")
         elif s.cfg.train.log_every and step % s.cfg.train.log_every == 0:
@@ -351,7 +364,9 @@ def record_epoch(s: Session, state: TrainState, stats: dict[str, Any], valid: di
     records = s.run.read_records() + [record]
     s.run.write_records(records)
     metric = s.cfg.train.monitor_metric
-    s.log(f"epoch {state.epoch} loss {stats['loss'].get('total', float('nan')):.4f} "
+    head = ("fitted in one pass:" if fits_once(s) else
+            f"epoch {state.epoch} loss {stats['loss'].get('total', float('nan')):.4f}")
+    s.log(f"{head} "
           f"valid {metric} sampled {valid['sampled'][metric]:.4f} full {valid['full'][metric]:.4f} "
           f"{'*' if improved else ' '} {stats['seconds']:.1f}s {stats['targets_per_second']:.0f} targets/s",
           echo=True)
@@ -376,7 +391,7 @@ def finish(s: Session, state: TrainState) -> dict:
                "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset),
                "targets_per_second": float(np.mean([r["targets_per_second"] for r in records])) if records else 0.0,
                "skipped_batches": state.skipped_batches,
-               "stop_reason": "patience" if state.bad_epochs >= s.cfg.train.patience else "max_epochs"}
+               "stop_reason": stop_reason(s, state)}
     if s.is_main:
         s.run.write_summary(summary)
         s.run.write_curves(records, s.cfg.train.monitor_metric)
@@ -386,9 +401,17 @@ def finish(s: Session, state: TrainState) -> dict:
     return summary
 
 
+def stop_reason(s: Session, state: TrainState) -> str:
+    """``fitted`` (one pass, no epochs), ``patience`` or ``max_epochs``."""
+    if fits_once(s):
+        return "fitted"
+    return "patience" if state.bad_epochs >= s.cfg.train.patience else "max_epochs"
+
+
 def summary_table(summary: dict, ks: list[int]) -> str:
     """Valid (best epoch) and test metrics of both protocols as a text table."""
     rows = {f"{split} {p}": summary[split][p] for split in ("valid", "test") if summary.get(split)
             for p in ("sampled", "full")}
-    return format_table(metric_names(ks), rows, title=f"{summary['model']} (best epoch {summary['best_epoch']}, "
-                                                      f"{summary['seconds_per_epoch']:.1f} s/epoch)")
+    how = (f"fitted in one pass, {summary['seconds_per_epoch']:.1f} s" if summary.get("stop_reason") == "fitted"
+           else f"best epoch {summary['best_epoch']}, {summary['seconds_per_epoch']:.1f} s/epoch")
+    return format_table(metric_names(ks), rows, title=f"{summary['model']} ({how})")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -22,11 +22,12 @@ class Pop(SequentialRecommender):
     """Counts target events seen in training; score(i) = count(i) for every user.
 
     Training "loss" is zero and carries no gradient: the counts are accumulated in a buffer
-    each time a training batch passes (counting every epoch scales all counts equally, so the
-    ranking is the training-target frequency).
+    each time a training batch passes. ``fit_once`` tells the engine that one pass over the
+    training windows is the whole fit (no epochs, no loss, no early stopping).
     """
 
     config_class = PopConfig
+    fit_once: ClassVar[bool] = True
 
     def __init__(self, cfg: PopConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)

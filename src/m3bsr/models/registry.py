@@ -1,4 +1,6 @@
-"""Model registry: name → model class (imported lazily, so each model lives in its own module)."""
+"""Model registry: name → model class (imported lazily, so each model lives in its own module).
+
+Names are matched case-insensitively (``--model SASRec`` is ``sasrec``); configs store the registered spelling."""
 
 from __future__ import annotations
 
@@ -24,11 +26,20 @@ def model_names() -> list[str]:
     return list(_MODELS)
 
 
-def model_class(name: str) -> type:
-    """The model class registered as ``name``."""
-    if name not in _MODELS:
+def canonical_name(name: str) -> str:
+    """The registered spelling of model ``name``, matched case-insensitively (``SASRec`` → ``sasrec``)."""
+    if name in _MODELS:
+        return name
+    by_lower = {registered.lower(): registered for registered in _MODELS}
+    key = str(name).strip().lower()
+    if key not in by_lower:
         raise input_error(f"model {name!r}", "unknown model", f"Choose one of: {', '.join(_MODELS)}")
-    module, cls = _MODELS[name].split(":")
+    return by_lower[key]
+
+
+def model_class(name: str) -> type:
+    """The model class registered as ``name`` (any letter case)."""
+    module, cls = _MODELS[canonical_name(name)].split(":")
     return getattr(importlib.import_module(module), cls)
 
 

@@ -14,6 +14,7 @@ from m3bsr import atomic
 from m3bsr.errors import input_error
 
 COLUMNS = ["user", "rank", "item", "score"]
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}  # --out suffix → format
 DEFAULT_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 """torch intra-op threads of the service: half the cores (at most 4), so the event loop, the HTTP
 parsing and co-located clients keep cores; oversubscribed OpenMP threads spin and slow every
@@ -34,8 +35,16 @@ def read_user_file(path: Path) -> list[str]:
     return users
 
 
-def format_rows(rows: list[dict], fmt: str) -> str:
-    """Rows of :data:`COLUMNS` as CSV (with header) or JSON lines."""
+def format_rows(rows: list[dict], fmt: str) -> str | bytes:
+    """Rows of :data:`COLUMNS` as CSV (with header), JSON lines, or Parquet bytes (ids as strings)."""
+    if fmt == "parquet":
+        import pandas as pd
+
+        buf = io.BytesIO()
+        table = pd.DataFrame(rows, columns=COLUMNS).astype({"user": str, "rank": "int64", "item": str,
+                                                             "score": "float64"})
+        table.to_parquet(buf, index=False)
+        return buf.getvalue()
     if fmt == "jsonl":
         return "".join(json.dumps(r) + "\n" for r in rows)
     buf = io.StringIO()
@@ -55,9 +64,10 @@ def _recommend(args: argparse.Namespace) -> int:
         raise input_error(f"--k {args.k}", "k must be at least 1", "Pass a positive --k")
     fmt = "csv"
     if args.out is not None:
-        fmt = {".csv": "csv", ".jsonl": "jsonl"}.get(args.out.suffix.lower(), "")
+        fmt = FORMATS.get(args.out.suffix.lower(), "")
         if not fmt:
-            raise input_error(f"--out {args.out}", "unknown output format", "Use a .csv or .jsonl file name")
+            raise input_error(f"--out {args.out}", "unknown output format",
+                              "Use a .csv, .jsonl or .parquet file name")
     users = [args.user] if args.user is not None else read_user_file(args.users)
     rec = Recommender.from_run(args.run_dir)
     for line, u in enumerate(users, start=1):
@@ -68,11 +78,11 @@ def _recommend(args: argparse.Namespace) -> int:
     results = rec.recommend_users(users, args.k, args.exclude_seen)
     rows = [{"user": u, "rank": r, "item": x.item, "score": x.score}
             for u, recs in zip(users, results) for r, x in enumerate(recs, start=1)]
-    text = format_rows(rows, fmt)
+    data = format_rows(rows, fmt)
     if args.out is None:
-        sys.stdout.write(text)
+        sys.stdout.write(data)
     else:
-        atomic.write_text(args.out, text)
+        (atomic.write_bytes if isinstance(data, bytes) else atomic.write_text)(args.out, data)
         if not args.quiet:
             print(f"wrote {len(rows)} rows for {len(users)} users to {args.out}", file=sys.stderr)
     return 0
