@@ -160,6 +160,22 @@ def test_config_sharing():
         compare.parse_seeds("0,a")
 
 
+def test_preset_entries_are_rows_of_their_own():
+    models = compare.parse_models("M3BSR,m3bsr@paper,sasrec")
+    assert models == ["m3bsr", "m3bsr@paper", "sasrec"]
+    cfgs = compare.model_configs({"models": {"m3bsr@paper": {"dropout": 0.5, "train": {"lr": 0.003}}}},
+                                 models, 0, [])
+    paper, default = cfgs["m3bsr@paper"].model, cfgs["m3bsr"].model
+    assert (paper.preset, paper.id_input, paper.common_expert, paper.dropout) == ("paper", "mlp16", "cross", 0.5)
+    assert (default.preset, default.id_input, default.common_expert) == ("default", "full", "merged")
+    assert cfgs["m3bsr@paper"].train.lr == 0.003 and cfgs["m3bsr"].train.lr == 0.001
+    assert compare.reference_model(models) == "m3bsr"
+    with pytest.raises(InputError, match="listed twice"):
+        compare.parse_models("m3bsr@paper,M3BSR@paper")
+    with pytest.raises(InputError, match="sasrec has no presets"):
+        compare.parse_models("sasrec@paper")
+
+
 def test_compare_end_to_end_with_engine(tmp_path, capsys):
     """The CLI through the real engine: three models, one seed, two epochs on a tiny dataset."""
     data = make_tiny_prepared(tmp_path / "data", n_users=24)

@@ -18,6 +18,8 @@ go to the models whose config has them, and a config may add per-model keys unde
 (as papers tune every baseline), a per-model block may also set ``hidden_size`` and the optimiser keys
 ``train: {lr, weight_decay}``; the epoch budget, early stopping and batch size stay shared. Blocks
 of models not in ``--models`` are ignored, so one tuned config serves several partial calls.
+An entry ``MODEL@PRESET`` (e.g. ``m3bsr@paper``) is one more row: the model built from that
+``model.preset``; its per-model block and run directories use the whole entry as its name.
 The reference is ``m3bsr`` when listed, else the first model.
 """
 
@@ -48,15 +50,30 @@ FORCED = ["train.eval_test=true"]  # compare needs the test metrics of every run
 # --------------------------------------------------------------------------- flags and configs
 
 
+def split_entry(entry: str) -> tuple[str, str | None]:
+    """``"M3BSR@paper"`` → ``("m3bsr", "paper")``; ``"sasrec"`` → ``("sasrec", None)``."""
+    base, _, preset = entry.partition("@")
+    name = canonical_name(base.strip())
+    if preset and "preset" not in model_config_class(name).model_fields:
+        raise input_error(f"model entry {entry!r}", f"{name} has no presets",
+                          f"Write {name} without '@{preset}'")
+    return name, (preset.strip() or None) if "@" in entry else None
+
+
+def entry_label(entry: str) -> str:
+    name, preset = split_entry(entry)
+    return name if preset is None else f"{name}@{preset}"
+
+
 def parse_models(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     known = model_names()
     by_lower = {k.lower(): k for k in known}
-    bad = [n for n in names if n.lower() not in by_lower]
-    names = [by_lower.get(n.lower(), n) for n in names]  # any case: SASRec → sasrec
+    bad = [n for n in names if n.partition("@")[0].strip().lower() not in by_lower]
     if not names or bad:
         raise input_error(f"--models {text!r}", f"unknown model {bad[0]!r}" if bad else "no model given",
-                          f"Choose from: {', '.join(known)}")
+                          f"Choose from: {', '.join(known)} (a preset as MODEL@PRESET, e.g. m3bsr@paper)")
+    names = [entry_label(n) for n in names]  # any case: SASRec → sasrec
     if len(set(names)) != len(names):
         raise input_error(f"--models {text!r}", "a model is listed twice", "List each model once")
     return names
@@ -95,13 +112,13 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
     raw = copy.deepcopy(raw)
     per_model = raw.pop("models", None) or {}
     shared_model = {k: v for k, v in (raw.pop("model", None) or {}).items() if k != "name"}
-    fields = {m: set(model_config_class(m).model_fields) for m in models}
+    fields = {m: set(model_config_class(split_entry(m)[0]).model_fields) for m in models}
     per_train: dict[str, dict[str, Any]] = {}
     for given in list(per_model):
-        if given.lower() not in {k.lower() for k in model_names()}:
+        if given.partition("@")[0].strip().lower() not in {k.lower() for k in model_names()}:
             raise input_error(f"{source}: models.{given}", "unknown model",
                               f"Use one of: {', '.join(model_names())}")
-        name = canonical_name(given)
+        name = entry_label(given)
         per_model[name] = dict(per_model.pop(given) or {})
         per_train[name] = dict(per_model[name].pop("train", None) or {})
         for key in per_train[name]:
@@ -123,17 +140,20 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
         if not any(key in f for f in fields.values()):
             raise input_error(f"{source} / --set: model.{key}", "no listed model has this key",
                               "Check the spelling (see `m3bsr train --help`)")
-    ref = reference_model(models)
+    ref = split_entry(reference_model(models))[0]
     hidden = hidden if hidden is not None else model_config_class(ref).model_fields["hidden_size"].default
     out = {}
     for m in models:
+        base, preset = split_entry(m)
         model_raw = {k: v for k, v in shared_model.items() if k in fields[m]}
         model_raw.update(per_model.get(m) or {})
+        if preset is not None:
+            model_raw["preset"] = preset
         mine = [t for key, t in model_sets if key in fields[m] and key != "hidden_size"]
         mine += [f"train.{k}={v}" for k, v in per_train.get(m, {}).items()]
         own_hidden = model_raw.pop("hidden_size", hidden)
         overrides = other_sets + mine + [f"model.hidden_size={own_hidden}", f"seed={seed}"] + FORCED
-        out[m] = build_config({**raw, "model": model_raw}, model=m, overrides=overrides, source=source)
+        out[m] = build_config({**raw, "model": model_raw}, model=base, overrides=overrides, source=source)
     return out
 
 
