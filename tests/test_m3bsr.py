@@ -85,11 +85,12 @@ PAPER = "model.preset=paper"
 
 CONFIGS = [
     (),
-    ("model.no_specific_experts=true",),
-    ("model.fusion=gate", "model.id_input=mlp16", "model.scorer=linear", "model.repeat=false"),
-    ("model.common_expert=cross", "model.item_content=false", "model.feature_norm=none"),
-    ("model.content_gate=false",),
-    ("model.no_shared_expert=true", "model.share_specific_experts=false"),
+    ("model.content_gate=false", "model.repeat=false"),
+    ("model.no_specific_experts=false",),
+    ("model.no_specific_experts=false", "model.fusion=gate", "model.id_input=mlp16", "model.scorer=linear", "model.repeat=false"),
+    ("model.no_specific_experts=false", "model.common_expert=cross", "model.item_content=false", "model.feature_norm=none"),
+    ("model.no_specific_experts=false", "model.content_gate=false"),
+    ("model.no_specific_experts=false", "model.no_shared_expert=true", "model.share_specific_experts=false"),
     (PAPER,),
     (PAPER, "model.denoise_output=reverse_chain", "model.T_m=4", "model.T_b=3"),
     (PAPER, "model.contrast=literal", "model.diffusion_loss=literal", "model.fusion=router"),
@@ -163,16 +164,16 @@ def test_tables_start_small_so_items_are_told_apart():
         for preset in ("default", "paper"):
             model = make_model(f"model.preset={preset}")
             assert mean_abs_cos(model) < 0.5, preset
-            for table in (model.pos_aux, model.behavior) + ((model.pos_merged,) if model.merged else ()):
+            for table in (model.behavior, model.pos_merged if model.merged else model.pos_aux):
                 torch.nn.init.normal_(table.weight)  # PyTorch's default, the defect
             assert mean_abs_cos(model) > 0.8, preset
 
 
 def test_closed_gates_give_exactly_the_backbone():
-    """Default preset: the branches (content in the item vectors, the specific experts with CDMD-M/B,
-    the repeat head) start closed, so the full model's scores equal those of the id-only backbone
-    with the same shared weights."""
-    full = make_model().eval()
+    """Default preset with the paper's branches on: the branches (content in the item vectors, the
+    specific experts with CDMD-M/B, the repeat head) start closed, so the full model's scores equal
+    those of the id-only backbone with the same shared weights."""
+    full = make_model("model.no_specific_experts=false").eval()
     backbone = make_model("model.no_specific_experts=true", "model.repeat=false", "model.item_content=false").eval()
     shared = {k: v for k, v in full.state_dict().items() if k in backbone.state_dict()}
     assert set(shared) == set(backbone.state_dict())
@@ -231,11 +232,14 @@ def test_future_and_padding_do_not_change_a_targets_logits(preset):
             assert (model.full_scores(past)[b, p] - base).abs().max() > 1e-4, name
 
 
-@pytest.mark.parametrize("preset", ["default", "paper"])
-def test_every_parameter_receives_a_gradient(preset):
-    model = open_gates(make_model(f"model.preset={preset}")).train()
+@pytest.mark.parametrize("overrides,loss_terms", [
+    (("model.preset=default",), {"main"}),
+    (("model.preset=default", "model.no_specific_experts=false"), {"main", "contrast", "diff_m", "diff_b"}),
+    ((PAPER,), {"main", "contrast", "diff_m", "diff_b"})], ids=["default", "default+branches", "paper"])
+def test_every_parameter_receives_a_gradient(overrides, loss_terms):
+    model = open_gates(make_model(*overrides)).train()
     terms = model.loss(make_batch(B=6, seed=1))
-    assert set(terms) == {"main", "contrast", "diff_m", "diff_b"}
+    assert set(terms) == loss_terms
     sum(terms.values()).backward()
     missing = [n for n, prm in model.named_parameters() if prm.grad is None or prm.grad.abs().sum() == 0]
     assert not missing, missing
@@ -372,7 +376,8 @@ def test_paper_literal_flags_train(overrides):
 
 def test_realistic_eval_windows_and_config(tmp_path):
     ds = PreparedDataset.load(make_tiny_prepared(tmp_path / "d"))
-    model = build_model(build_config(model="m3bsr", overrides=["model.hidden_size=16"]).model, ds.catalogue())
+    model = build_model(build_config(model="m3bsr", overrides=["model.hidden_size=16", PAPER]).model,
+                        ds.catalogue())
     ev = WindowBuilder(ds, 10).eval_windows("valid").batch(slice(0, 12))
     model.eval()
     with torch.no_grad():
@@ -381,7 +386,8 @@ def test_realistic_eval_windows_and_config(tmp_path):
         torch.testing.assert_close(reps, model.represent_reference(ev), atol=1e-5, rtol=1e-5)
         assert model.score(reps, ev.candidates).shape == ev.candidates.shape
     assert model.cdmd_m.diffusion.schedule is model.cdmd_b.diffusion.schedule  # one shared schedule
-    assert len(model.schedules) == 1 and len(make_model("model.T_b=5").schedules) == 2
+    assert len(model.schedules) == 1 and len(make_model(PAPER, "model.T_b=5").schedules) == 2
+    assert len(make_model().schedules) == 0  # the default has no denoisers
     cfg = build_config(model="m3bsr", overrides=[PAPER, "model.no_meie=true"]).model
     assert isinstance(cfg, M3BSRConfig) and cfg.no_meie and cfg.lambda_c == 0.05 and cfg.tau == 0.3
     with pytest.raises(InputError, match="no_specific_experts"):

@@ -28,7 +28,7 @@ def _pad_wider(batch, extra: int):
     return type(batch)(**{**{k: getattr(batch, k) for k in ("users", "query_times", "labels")}, **wide})
 
 
-@pytest.mark.parametrize("overrides", CONFIGS[:4], ids=lambda o: ",".join(x.split(".")[1] for x in o) or "default")
+@pytest.mark.parametrize("overrides", CONFIGS[:5], ids=lambda o: ",".join(x.split(".")[1] for x in o) or "default")
 def test_trimming_and_buckets_leave_representations_unchanged(overrides, monkeypatch):
     """Reference: no trimming, one bucket, windows 7 columns wider than needed. The fast path
     (trimmed, 4 length buckets of >= 16 windows) must give the same representation of every query."""
@@ -71,7 +71,7 @@ def test_equal_length_batch_runs_as_one_group_at_inference(monkeypatch):
     batch = make_batch(B=70, L=12, seed=5)
     same = type(batch)(**{k: (v[:1].expand(70, *v.shape[1:]).contiguous() if k != "users" else v)
                           for k, v in vars(batch).items() if v is not None})
-    model = make_model("model.length_buckets=4", "model.dropout=0.0")
+    model = make_model("model.no_specific_experts=false", "model.length_buckets=4", "model.dropout=0.0")
     assert model.meie is not None
     groups = _count_groups(monkeypatch)
     with torch.no_grad():
@@ -122,8 +122,8 @@ def test_buckets_keep_training_loss_terms_and_gradients():
     """In training mode (dropout off, so both paths are deterministic apart from the diffusion
     noise, which is seeded) the loss terms and gradients of the bucketed path match one bucket."""
     batch = make_batch(B=64, L=10, seed=6)
-    fast = make_model("model.length_buckets=4", "model.dropout=0.0").train()
-    slow = make_model("model.length_buckets=1", "model.dropout=0.0").train()
+    fast = make_model("model.no_specific_experts=false", "model.length_buckets=4", "model.dropout=0.0").train()
+    slow = make_model("model.no_specific_experts=false", "model.length_buckets=1", "model.dropout=0.0").train()
     slow.load_state_dict(fast.state_dict())
     results = []
     for model in (fast, slow):

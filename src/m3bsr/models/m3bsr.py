@@ -7,9 +7,11 @@ prediction (Eq. 23-24); total loss Eq. 25. Modalities are ``id`` plus whatever c
 the catalogue has (``image``, ``text``; none for id-only data, which turns CDMD-M off).
 
 Two presets (``model.preset``, docs/model.md "presets"): ``paper`` is the printed architecture;
-``default`` starts as a strong sequential backbone — a causal Transformer over both behavior
-streams merged by time, with one full-width item table (id + content) shared by input and scoring
-— and adds the paper's parts as branches whose gates start at zero, plus a repeat head.
+``default`` is a strong sequential backbone — a causal Transformer over both behavior streams
+merged by time, with one full-width item table (id + gated content) shared by input and scoring —
+plus a repeat head. The paper's parts (denoisers, specific experts, disentanglement) join it as
+branches whose gates start at zero with ``no_specific_experts=false``; they are off by default
+because on validation they did not pay for their 3-5x cost (docs/results.md "ladder").
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ PRESETS: dict[str, dict[str, object]] = {
                   no_cdmd_b=False, no_disentangle=False),
     # The best design measured on validation (docs/results.md "ladder"); every entry is its own key.
     "default": dict(id_input="full", feature_norm="standardize", item_content=True, content_gate=True, scorer="tied",
-                    common_expert="merged", fusion="residual", repeat=True, no_specific_experts=False,
+                    common_expert="merged", fusion="residual", repeat=True, no_specific_experts=True,
                     no_cdmd_b=False, no_disentangle=False),
 }
 """Preset name → the values it gives the keys a run does not set itself."""
@@ -72,7 +74,7 @@ class M3BSRConfig(BaseModelConfig):
         "merged", description="cross = Eq. 16-17 (click queries, favor keys, read at the latest click); "
         "merged = causal Transformer over both streams by time, read at the latest event (the backbone)")
     repeat: bool = Field(True, description="repeat head: a learned logit bonus for the user's own history items")
-    no_specific_experts: bool = Field(False, description="drop the specific experts (and the denoisers that feed "
+    no_specific_experts: bool = Field(True, description="drop the specific experts (and the denoisers that feed "
                                       "them): the merged backbone alone")
     id_dim: int = Field(16, ge=1, description="item id embedding width before the MLP (paper: 16)")
     side_dim: int = Field(16, ge=1, description="width of each side-id table (brand, seller...)")
@@ -261,11 +263,16 @@ class M3BSR(SequentialRecommender):
         self.target_behavior = catalogue.target_behavior
         self.input = ItemInput(cfg, catalogue)
         self.modalities = ["id"] + self.input.content
-        self.pos_aux = nn.Embedding(cfg.max_positions, d)  # learned positions per behavior sequence
-        self.pos_tgt = nn.Embedding(cfg.max_positions, d)
         self.behavior = nn.Embedding(catalogue.n_behaviors + 1, d, padding_idx=PAD)  # merged auxiliaries
-        for table in (self.pos_aux, self.pos_tgt, self.behavior):
-            _init_table(table)
+        _init_table(self.behavior)
+        # The per-stream inputs (Eq. 5), denoisers and schedules feed the specific experts only; without
+        # them the model holds no parameter that never gets a gradient.
+        branches = not cfg.no_specific_experts
+        if branches:
+            self.pos_aux = nn.Embedding(cfg.max_positions, d)  # learned positions per behavior sequence
+            self.pos_tgt = nn.Embedding(cfg.max_positions, d)
+            _init_table(self.pos_aux)
+            _init_table(self.pos_tgt)
         self.drop = FastDropout(p)
         self.merged = cfg.common_expert == "merged" and not cfg.no_shared_expert
         if self.merged:  # the backbone: a causal Transformer over both streams merged by time
@@ -274,10 +281,9 @@ class M3BSR(SequentialRecommender):
             self.merged_ln = nn.LayerNorm(d)
             self.backbone = TransformerEncoder(d, cfg.n_layers, h, p)
             self.backbone_null = nn.Parameter(torch.randn(d) * TABLE_STD)
-        branches = not cfg.no_specific_experts  # the denoisers feed the specific experts only
         # One schedule object per distinct T, shared by all denoisers with that T (docs/model.md).
         self.schedules = nn.ModuleDict({str(T): NoiseSchedule(T, cfg.beta_start, cfg.beta_end)
-                                        for T in sorted({cfg.T_m, cfg.T_b})})
+                                        for T in sorted({cfg.T_m, cfg.T_b})} if branches else {})
         common = dict(d=d, n_heads=h, dropout=p, diffusion_loss=cfg.diffusion_loss,
                       denoise_output=cfg.denoise_output)
         self.cdmd_m = None
