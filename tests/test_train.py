@@ -101,6 +101,12 @@ def test_run_dir_contents_and_evaluate_run(tiny_prepared, tmp_path):
     again = evaluate_run(run)
     assert again["valid"] == m["valid"] and again["test"] == m["test"]
     assert cli(["evaluate", str(run)]) == 0
+    # the other protocol: masking every history item can only move the positive up the full ranking
+    assert cli(["evaluate", str(run), "--exclude", "all", "--json", str(tmp_path / "all.json")]) == 0
+    masked = json.loads((tmp_path / "all.json").read_text())
+    assert masked["exclude"] == "all" and masked["test"]["sampled"] == m["test"]["sampled"]
+    for k in ("HR@5", "HR@10", "HR@20"):
+        assert masked["test"]["full"][k] >= m["test"]["full"][k]
 
 
 def test_resume_equals_uninterrupted(tiny_prepared, tmp_path):

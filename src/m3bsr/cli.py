@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "with both protocols, print the table, and check it reproduces metrics.json "
                        "(exit 1 if it does not).")
     p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
+    p.add_argument("--exclude", choices=["target", "none", "all"],
+                   help="history items masked in the full ranking (default: the run's eval.exclude; "
+                   "another value is reported, not checked against metrics.json)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics to FILE as JSON")
     _common(p)
 
     p = sub.add_parser("demo", help="prepare the embedded dataset, train M3BSR and popularity, compare")

@@ -7,11 +7,13 @@ training logic lives here.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 from pathlib import Path
 
 import yaml
 
+from m3bsr import atomic
 from m3bsr.config import Config, build_config, load_config
 from m3bsr.errors import input_error
 
@@ -76,10 +78,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from m3bsr.engine.runs import RunDir, format_table
 
     run = RunDir(args.run_dir)
-    result = evaluate_run(args.run_dir)
+    result = evaluate_run(args.run_dir, exclude=args.exclude)
     cfg, _ = run.read_config()
+    exclude = args.exclude or cfg.eval.exclude
     rows = {f"{split} {p}": result[split][p] for split in ("valid", "test") for p in ("sampled", "full")}
-    print(format_table(metric_names(cfg.eval.ks), rows, title=f"{args.run_dir} (best.pt)"))
+    print(format_table(metric_names(cfg.eval.ks), rows, title=f"{args.run_dir} (best.pt, exclude={exclude})"))
+    if args.json is not None:
+        atomic.write_text(args.json, json.dumps({"run": str(args.run_dir), "exclude": exclude, **result}, indent=1))
+    if exclude != cfg.eval.exclude:
+        print(f"metrics.json: recorded with exclude={cfg.eval.exclude}; not compared")
+        return 0
     if not run.metrics_json.is_file():
         print("metrics.json: absent (run unfinished); nothing to compare")
         return 0

@@ -179,11 +179,12 @@ def evaluate(model, windows: WindowArrays, cfg: EvalConfig, batch_size: int, dev
     return metrics, ranks
 
 
-def evaluate_run(run_dir: Path, *, device: str | None = None) -> dict:
+def evaluate_run(run_dir: Path, *, device: str | None = None, exclude: str | None = None) -> dict:
     """Re-evaluate ``run_dir/best.pt`` on valid and test; returns ``{"valid": {p: M}, "test": {p: M}}``.
 
-    ``device`` defaults to the run's ``train.device``. With the same machine and device this
-    reproduces ``metrics.json`` exactly.
+    ``device`` defaults to the run's ``train.device`` and ``exclude`` (which history items the full
+    ranking masks: ``target``, ``none`` or ``all``) to the run's ``eval.exclude``. With the same
+    machine, device and exclude this reproduces ``metrics.json`` exactly.
     """
     from m3bsr.data.batches import WindowBuilder
     from m3bsr.engine.checkpoint import load_run_model
@@ -193,9 +194,10 @@ def evaluate_run(run_dir: Path, *, device: str | None = None) -> dict:
     cfg, _ = RunDir(Path(run_dir)).read_config()
     dev = resolve_device(device or cfg.train.device)
     model, cfg, ds = load_run_model(Path(run_dir), "best", device=dev)
+    ev = cfg.eval if exclude is None else cfg.eval.model_copy(update={"exclude": exclude})
     builder = WindowBuilder(ds, cfg.data.max_len)
     result = {}
     for split in ("valid", "test"):
-        windows = builder.eval_windows(split, cfg.eval.exclude)
-        result[split], _ = evaluate(model, windows, cfg.eval, cfg.train.eval_batch_size, dev, amp=cfg.train.amp)
+        windows = builder.eval_windows(split, ev.exclude)
+        result[split], _ = evaluate(model, windows, ev, cfg.train.eval_batch_size, dev, amp=cfg.train.amp)
     return result
