@@ -1,6 +1,6 @@
 """Benchmark datasets written straight as prepared directories (vectorised, seconds not minutes).
 
-``tmall_like`` mimics the shape of the Tmall log (``/work/shared/data/tmall``: 31,882 users,
+``tmall_like`` mimics the shape of the Tmall log (the raw log: 31,882 users,
 30,985 items, 357,412 events, id only, ``fav``/``cart`` auxiliary, ``buy`` target): per-user
 event counts are heavy-tailed (at least 5), items follow a Zipf-like popularity around a
 per-user "home" region of the catalogue, and every user has at least two buys (the last two

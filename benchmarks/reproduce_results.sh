@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/reproduce_results.sh [OUT]      (OUT defaults to /work/results; never inside the repo)
 #
-# Needs the real data under ../shared/data (see /work/shared/data/README.md) and the offline item
+# Needs the real data under ../shared/data (docs/data.md lists its layout) and the offline item
 # features of ml100k_mm (docs/features.md; produced once by `m3bsr features`, then reused):
 #   TEXT=.../ml100k_text.parquet (MiniLM-L6, 384-d, title + overview)
 #   IMAGE=.../ml100k_image.parquet (EfficientNet-Lite0, 1280-d, posters)

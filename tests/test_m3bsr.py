@@ -290,7 +290,7 @@ def _denoiser_input_rms_while_training_eps_loss_only(steps: int = 120) -> list[f
 
 
 def test_feature_norms_do_not_collapse(monkeypatch):
-    """Spec 3 DECIDED: x_0 is layer-normed before noising, so training the ε-loss cannot shrink the
+    """DECIDED (docs/model.md): x_0 is layer-normed before noising, so training the ε-loss cannot shrink the
     features the denoisers see. Without the LayerNorm the same training does shrink them."""
     rms = _denoiser_input_rms_while_training_eps_loss_only()
     assert min(rms) > 0.95

@@ -67,7 +67,7 @@ class ConditionalDenoiser(nn.Module):
 
 
 def normalize_x0(x: Tensor) -> Tensor:
-    """Spec 3 scale DECIDED: LayerNorm without affine parameters on the feature entering a
+    """DECIDED (docs/model.md "DECIDED choices"): LayerNorm without affine parameters on the feature entering a
     denoiser, so the trainable projections cannot shrink x_0 until the ε-loss is trivial."""
     return F.layer_norm(x, x.shape[-1:])
 

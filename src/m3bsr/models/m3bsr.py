@@ -416,7 +416,7 @@ class M3BSR(SequentialRecommender):
     # ------------------------------------------------------------------------------ reference path
     @torch.no_grad()
     def represent_reference(self, batch: SequenceBatch, chunk: int = 512) -> Tensor:
-        """Spec 2a reference: for every query, a sub-window with only the events strictly before it
+        """The leak-free reference (docs/model.md "Time causality"): for every query, a sub-window with only the events strictly before it
         (a prefix of each left-aligned stream), run alone. Slow (one window per query); [B, P, d]."""
         b_idx, p_idx = batch.query_mask.nonzero(as_tuple=True)
         qt = batch.query_times[b_idx, p_idx].unsqueeze(1)  # [N, 1]
