@@ -15,7 +15,7 @@ from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.errors import InputError
 from m3bsr.models import denoiser as denoiser_module
-from m3bsr.models.m3bsr import M3BSR, M3BSRConfig
+from m3bsr.models.m3bsr import PRESETS, M3BSR, M3BSRConfig
 from m3bsr.models.registry import build_model
 from m3bsr.models.summary import count_parameters, measure_flops, summarize
 
@@ -446,3 +446,10 @@ def test_contrast_loss_matches_explicit_loops(contrast):
                 neg = np.array([z1[n, k] @ c for c in others]) / 0.3
                 losses.append(-(np.log(np.exp(pos).sum()) - np.log(np.exp(pos).sum() + np.exp(neg).sum())))
     assert got == pytest.approx(float(np.mean(losses)), rel=1e-5)
+
+
+def test_field_defaults_are_the_default_preset():
+    """docs/config.md shows the field defaults as the default preset: the two must not drift apart."""
+    fields = M3BSRConfig.model_fields
+    assert {key: fields[key].default for key in PRESETS["default"]} == PRESETS["default"]
+    assert set(PRESETS["paper"]) == set(PRESETS["default"])
