@@ -14,7 +14,7 @@ from m3bsr import __version__
 from m3bsr.errors import InputError
 
 MODELS = "m3bsr, pop, gru4rec, sasrec, bert4rec, mbstr, mmsasrec"
-EPILOG_SET = "Config keys are dotted, e.g. --set train.lr=0.001 --set model.no_meie=true (see docs/config.md)."
+EPILOG_SET = "Config keys are dotted, e.g. --set train.lr=0.001 --set model.preset=paper (see docs/config.md)."
 
 
 def _common(p: argparse.ArgumentParser) -> None:
