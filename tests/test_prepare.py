@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from m3bsr.batch import PAD_TIME
 from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.config import PrepareConfig, load_prepare_config
 from m3bsr.data.prepare import prepare, sample_candidates
@@ -120,6 +121,33 @@ def test_split_never_leaks_and_candidates_exclude_the_whole_log(tmp_path):
             assert (np.where(real, times, -1) < q[:, None]).all()
         assert (w.candidates[:, 0, 0] == w.labels[:, 0]).all()
 
+
+
+@pytest.mark.parametrize("max_len", [3, 50])
+def test_training_windows_never_hold_held_out_events(tmp_path, max_len):
+    """Training windows hold every target event before the user's valid target exactly once, and no
+    event at or after it: not the valid or test target, nor a click after them; a window's clicks
+    come before its last target. With max_len 3 a user's targets span several windows."""
+    prepare(_write(tmp_path, _random_log()), _cfg(keep_last=30, n_negatives=20), tmp_path / "out", **QUIET)
+    ds = PreparedDataset.load(tmp_path / "out")
+    held = {int(u): min(v, t) for u, v, t in zip(ds.valid.user, ds.valid.order, ds.test.order)}
+    ev = ds.events
+    first = ev["user"].map(held)
+    assert ((ev.stream == 0) & (ev.order > first)).any()  # clicks after a held-out target exist
+    before = ev[(ev.stream == 1) & (ev.order < first)]
+    expected = sorted(zip(before.user.tolist(), before.order.tolist()))
+    w = WindowBuilder(ds, max_len).train_windows()
+    seen = []
+    for row in range(len(w)):
+        u, real = int(w.users[row]), w.labels[row] != 0
+        q = w.query_times[row][real]
+        np.testing.assert_array_equal(q, w.tgt_times[row][real])  # every target is a query
+        assert (w.tgt_times[row][~real] == PAD_TIME).all()
+        aux = w.aux_times[row][w.aux_times[row] < PAD_TIME]
+        assert real.any() and (q < held[u]).all() and (aux < q.max()).all(), (u, q, aux, held[u])
+        seen += [(u, int(t)) for t in q]
+    assert sorted(seen) == expected
+    assert max_len > 3 or len(w) > ds.n_users  # some user's targets did span several windows
 
 def test_candidates_are_uniform_over_unseen_items():
     rng = np.random.default_rng(0)
