@@ -196,7 +196,7 @@ def test_hand_computed_full_rank_with_ties_exclusions_and_padding():
     assert ranks["full"].tolist() == [3]
     # sampled: candidates 4 (0.1), 2 (0.5, tie → counts), 6 (0.2) → rank 2
     assert ranks["sampled"].tolist() == [2]
-    assert metrics["sampled"]["HR@5"] == 1.0
+    assert metrics["sampled"]["NDCG@5"] == pytest.approx(1 / np.log2(3))  # rank 2 (HR@5 is 1 for any rank of 4)
 
 
 
