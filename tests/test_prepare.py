@@ -238,6 +238,37 @@ def test_shared_retail_rocket_statistics(shared_data, tmp_path):
     assert ds.test.candidates.shape == (ds.n_users, 100)
     assert (ds.events.groupby(["user", "stream"]).size() <= 50).all()
     assert json.loads((tmp_path / "rr" / "manifest.json").read_text())["source"]["files"][0]["sha256"]
+    # The statistics (Table 1) against the paper cut redone here from the raw log, step by step.
+    raw = pd.read_csv(shared_data / "retail_rocket" / "events.csv.gz")
+    expected = {"input_events": len(raw), "input_users": raw.user.nunique(), "input_items": raw.item.nunique()}
+    raw["row"] = np.arange(len(raw))
+    kept = raw[raw.behavior.isin(["view", "cart", "buy"])]
+    expected["events_other_behaviors_dropped"] = len(raw) - len(kept)
+    small = kept.groupby("user").item.transform("size") < 5
+    expected["users_dropped_min_user_events"] = kept[small].user.nunique()
+    kept = kept[~small].sort_values(["user", "timestamp", "row"], kind="stable")
+    kept = kept.assign(stream=(kept.behavior == "buy").astype(int))
+    from_end = kept.groupby(["user", "stream"]).cumcount(ascending=False)
+    expected["events_dropped_keep_last"] = int((from_end >= 50).sum())
+    kept = kept[from_end < 50]
+    few = kept.groupby("user").stream.transform("sum") < 2
+    expected["users_dropped_min_target_events"] = kept[few].user.nunique()
+    kept = kept[~few]
+    s = m["statistics"]
+    assert {k: s["filtering"][k] for k in expected} == expected
+    assert min(expected.values()) >= 0 and expected["events_dropped_keep_last"] > 0
+    assert (s["users"], s["items"], s["events"]) == (kept.user.nunique(), kept.item.nunique(), len(kept))
+    assert (s["users"], s["items"], s["events"]) == (ds.n_users, ds.n_items, len(ds.events))
+    assert s["events_per_behavior"] == {b: int((kept.behavior == b).sum()) for b in ("view", "cart", "buy")}
+    for label, stream in (("auxiliary", 0), ("target", 1)):
+        part = kept[kept.stream == stream]
+        per_user = part.groupby("user").size().reindex(kept.user.unique(), fill_value=0)
+        assert s["streams"][label]["events"] == len(part) and s["streams"][label]["items"] == part.item.nunique()
+        assert s["streams"][label]["length"]["max"] == per_user.max()
+        assert s["streams"][label]["length"]["mean"] == pytest.approx(per_user.mean(), abs=0.005)
+        assert s["streams"][label]["length"]["p50"] == per_user.median()
+    assert s["density"] == pytest.approx(len(kept) / (kept.user.nunique() * kept.item.nunique()))
+    assert s["time_span"] == [int(kept.timestamp.min()), int(kept.timestamp.max())]
 
 
 def test_inspect_prints_table_one(tmp_path, capsys):
