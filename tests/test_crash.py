@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -41,6 +42,15 @@ def _records(run: Path) -> list[dict]:
 def _comparable(run: Path) -> dict:
     summary = json.loads((run / "metrics.json").read_text())
     return {k: summary[k] for k in ("valid", "test", "best_epoch", "epochs", "skipped_batches", "stop_reason")}
+
+
+def _assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """best.pt and last.pt of two runs: same epoch, bit-identical weights."""
+    for name in ("best.pt", "last.pt"):
+        a, b = load_checkpoint(run_a / name), load_checkpoint(run_b / name)
+        assert a["epoch"] == b["epoch"], name
+        assert a["model"].keys() == b["model"].keys(), name
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), name
 
 
 # --------------------------------------------------------------------------- SIGKILL mid-epoch + resume
@@ -82,9 +92,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert _comparable(crashed) == _comparable(ref)  # valid/test metrics, best_epoch, epochs: exact
     assert [r["epoch"] for r in _records(crashed)] == [1, 2]
     assert [r["loss"] for r in _records(crashed)] == [r["loss"] for r in _records(ref)]
-    for name in ("best.pt", "last.pt"):
-        a, b = load_checkpoint(crashed / name)["model"], load_checkpoint(ref / name)["model"]
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _assert_same_weights(crashed, ref)
 
 
 # --------------------------------------------------------------------------- verified checkpoints
@@ -140,12 +148,14 @@ def test_resume_from_truncated_last_uses_previous(tmp_path, capsys):
     sets = ["train.max_epochs=2", "model.hidden_size=8", "model.n_layers=1", "train.batch_size=8"]
     assert cli_main(_train_argv(ds, run, sets)) == 0
     full = _comparable(run)
+    shutil.copytree(run, tmp_path / "full")
     last = run / "last.pt"
     last.write_bytes(last.read_bytes()[:-50])
     with pytest.warns(UserWarning, match="sha256 mismatch.*last.prev.pt"):
         assert cli_main(["train", "--resume", str(run), "--quiet"]) == 0
     assert "resumed from last.pt at epoch 1" in (run / "train.log").read_text()
     assert _comparable(run) == full  # epoch 2 re-done from the epoch-1 state: same result
+    _assert_same_weights(run, tmp_path / "full")  # ... and the same weights
 
 
 # --------------------------------------------------------------------------- non-finite loss guard
@@ -203,6 +213,7 @@ def test_nonfinite_loss_stops_keeping_last_good_checkpoint(tmp_path, nan_on_call
     nan_on_calls.arm({})
     assert cli_main(["train", "--resume", str(run), "--quiet"]) == 0
     assert _comparable(run) == _comparable(ref)
+    _assert_same_weights(run, ref)
 
 
 def test_nonfinite_skip_counts_and_reports(tmp_path, nan_on_calls, capsys):

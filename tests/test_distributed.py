@@ -60,6 +60,22 @@ def _close(a, b, tol):
         assert a == pytest.approx(b, abs=tol)
 
 
+def assert_same_function(run_a: Path, run_b: Path) -> None:
+    """The last weights of two runs give the same scores on the valid windows (to float noise).
+
+    Not raw weights: the key half of attn.kv.bias has an exactly-zero true gradient (softmax ignores a
+    per-query constant), so Adam turns float noise there into lr-sized, run-specific steps that change
+    no output.
+    """
+    scores = []
+    for run in (run_a, run_b):
+        model, cfg, ds = load_run_model(run, "last")
+        batch = WindowBuilder(ds, cfg.data.max_len).eval_windows("valid").batch(slice(None))
+        with torch.no_grad():
+            scores.append(model.score(model.represent(batch)))
+    assert float((scores[0] - scores[1]).abs().max()) < 1e-4 * float(scores[1].abs().max())
+
+
 # --------------------------------------------------------------------------- sampler (no processes)
 
 
@@ -124,16 +140,7 @@ def test_two_processes_match_one(tiny_prepared, tmp_path):
     rec1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rec, rec1):
         assert a["loss"]["total"] == pytest.approx(b["loss"]["total"], rel=1e-5)
-    # Same function: scores of the final weights on the valid windows. (Not raw weights: the key half
-    # of attn.kv.bias has an exactly-zero true gradient (softmax ignores a per-query constant), so
-    # Adam turns float noise there into lr-sized, run-specific steps that change no output.)
-    scores = []
-    for run in ("ddp", "one"):
-        model, cfg, ds = load_run_model(tmp_path / run, "last")
-        batch = WindowBuilder(ds, cfg.data.max_len).eval_windows("valid").batch(slice(None))
-        with torch.no_grad():
-            scores.append(model.score(model.represent(batch)))
-    assert float((scores[0] - scores[1]).abs().max()) < 1e-4 * float(scores[1].abs().max())
+    assert_same_function(tmp_path / "ddp", tmp_path / "one")
     print(f"2-process sasrec run: {ddp_seconds:.1f} s wall (incl. 2 interpreter starts)")
 
 
@@ -160,6 +167,7 @@ def test_two_processes_pop_and_resume(tiny_prepared, tmp_path):
     one = train(_cfg("sasrec", SETS), tiny_prepared, tmp_path / "one", quiet=True)
     _close(resumed["valid"], one["valid"], 1e-9)
     _close(resumed["test"], one["test"], 1e-9)
+    assert_same_function(tmp_path / "half", tmp_path / "one")  # the resumed weights, not only the metrics
 
 
 def test_single_process_never_opens_a_process_group(tiny_prepared, tmp_path, monkeypatch):

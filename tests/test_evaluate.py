@@ -196,8 +196,21 @@ def test_hand_computed_full_rank_with_ties_exclusions_and_padding():
     assert ranks["full"].tolist() == [3]
     # sampled: candidates 4 (0.1), 2 (0.5, tie → counts), 6 (0.2) → rank 2
     assert ranks["sampled"].tolist() == [2]
-    assert metrics["sampled"]["HR@5"] == 1.0
+    assert metrics["sampled"]["NDCG@5"] == pytest.approx(1 / np.log2(3))  # rank 2 (HR@5 is 1 for any rank of 4)
 
+
+
+def test_sampled_rank_ignores_copies_of_the_positive_and_padding():
+    """sampled_ranks: candidates equal to the positive or to padding item 0 never count against it,
+    whatever their score (a padded or duplicated candidate list); every other tie does."""
+    # items 1..6; positive 3 (0.5); padding 0 has the top score; a copy of 3 ties with it.
+    model = FixedScores([9.0, 0.9, 0.5, 0.5, 0.1, 0.7, 0.2])
+    windows = _one_window(6, label=3, exclude=[0], candidates=[3, 3, 0, 2, 5, 0, 3, 4])
+    _, ranks = evaluate(model, windows, EvalConfig(), batch_size=4, device="cpu")
+    assert ranks["sampled"].tolist() == [3]  # beaten by 5 (0.7), tied by 2 (0.5); 3, 3, 0, 0 do not count
+    windows = _one_window(6, label=3, exclude=[0], candidates=[3, 0, 3, 0])  # nothing but copies and padding
+    _, ranks = evaluate(model, windows, EvalConfig(), batch_size=4, device="cpu")
+    assert ranks["sampled"].tolist() == [1]
 
 def test_positive_must_lead_the_candidates():
     model = FixedScores([0.0, 0.9, 0.5, 0.5])

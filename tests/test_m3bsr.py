@@ -15,6 +15,10 @@ from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.errors import InputError
 from m3bsr.models import denoiser as denoiser_module
+from m3bsr.models.denoiser import BehaviorDenoiser
+from m3bsr.models.diffusion import NoiseSchedule
+from m3bsr.models.experts import MultiExpertInterestExtractor
+from m3bsr.models.layers import time_mask
 from m3bsr.models.m3bsr import PRESETS, M3BSR, M3BSRConfig
 from m3bsr.models.registry import build_model
 from m3bsr.models.summary import count_parameters, measure_flops, summarize
@@ -453,3 +457,92 @@ def test_field_defaults_are_the_default_preset():
     fields = M3BSRConfig.model_fields
     assert {key: fields[key].default for key in PRESETS["default"]} == PRESETS["default"]
     assert set(PRESETS["paper"]) == set(PRESETS["default"])
+
+
+# --------------------------------------------------------------------------- equal times across behaviors
+# Prepared data gives every event of a user its own rank, so there a click and a favor never share a
+# time; a batch built from raw timestamps can have such ties, and then the strict masks decide what
+# leaks (docs/model.md "Time causality": an auxiliary token sees target events strictly before it).
+
+TIED_AUX = torch.tensor([[1, 3, 5, PAD_TIME]])  # clicks
+TIED_TGT = torch.tensor([[2, 3, 5, PAD_TIME]])  # favors: two of them at the time of a click
+
+
+def test_time_mask_with_equal_times():
+    strict = time_mask(TIED_AUX, TIED_TGT, strict=True)[0].int().tolist()
+    loose = time_mask(TIED_AUX, TIED_TGT, strict=False)[0].int().tolist()
+    assert strict == [[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0]]
+    assert loose == [[0, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]
+
+
+def _tied_features(d: int = 8, seed: int = 0) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple({m: torch.randn(1, 4, d, generator=g) for m in ("image", "text")} for _ in range(2))
+
+
+def _moved(tgt: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    out = {m: x.clone() for m, x in tgt.items()}
+    for x in out.values():
+        x[0, k] += 3.0
+    return out
+
+
+@pytest.mark.parametrize("output", ["x0", "reverse_chain"])
+def test_behavior_denoiser_hides_a_favor_at_the_time_of_the_click(output):
+    """CDMD-B: a click token reads the favors strictly before it; one at its own time is invisible."""
+    torch.manual_seed(0)
+    den = BehaviorDenoiser(["image", "text"], d=8, n_heads=2, dropout=0.0, schedule=NoiseSchedule(3, 1e-3, 1e-1),
+                           infer_steps=3, diffusion_loss="eps", denoise_output=output).eval()
+    aux, tgt = _tied_features()
+    with torch.no_grad():
+        base, _ = den(aux, tgt, TIED_AUX, TIED_TGT, need_loss=False)
+        for k in range(3):  # the real favors
+            out, _ = den(aux, _moved(tgt, k), TIED_AUX, TIED_TGT, need_loss=False)
+            for j in range(3):  # the real clicks
+                sees = bool(TIED_TGT[0, k] < TIED_AUX[0, j])
+                change = max(float((out[m][0, j] - base[m][0, j]).abs().max()) for m in out)
+                assert (change > 1e-4) == sees, (k, j, change)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_common_expert_hides_a_favor_at_the_time_of_the_click(share):
+    """MEIE's own common expert (Eq. 16): the click read by a query does not see a favor at its own time,
+    while the favor experts, read at the latest favor before the query, do."""
+    torch.manual_seed(0)
+    meie = MultiExpertInterestExtractor(["image", "text"], 8, 2, 2, 0.0, share_specific=share, use_common=True,
+                                        fusion="gate", contrast="disentangle", tau=0.3).eval()
+    aux, tgt = _tied_features(seed=1)
+    queries = torch.tensor([[4, 6]])  # read the clicks at 3 and 5, the favors at 3 and 5
+    with torch.no_grad():
+        base = meie(aux, tgt, TIED_AUX, TIED_TGT, queries)  # [1, P, E, d]: image, text (click, favor), common
+        for k in range(3):
+            out = meie(aux, _moved(tgt, k), TIED_AUX, TIED_TGT, queries)
+            for p in range(2):
+                click = int(TIED_AUX[0, int((TIED_AUX[0] < queries[0, p]).sum()) - 1])
+                common = float((out[0, p, -1] - base[0, p, -1]).abs().max())
+                assert (common > 1e-4) == bool(TIED_TGT[0, k] < click), (k, p, common)
+                favor = int(TIED_TGT[0, int((TIED_TGT[0] < queries[0, p]).sum()) - 1])
+                specific = float((out[0, p, 2:4] - base[0, p, 2:4]).abs().max())
+                assert (specific > 1e-4) == bool(TIED_TGT[0, k] <= favor), (k, p, specific)
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_events_at_the_query_time_do_not_change_its_logits(preset):
+    """A click and a favor at exactly a query's time, as with raw timestamps, are not history yet."""
+    model = open_gates(make_model(f"model.preset={preset}")).eval()
+    aux_t = torch.tensor([[1, 3, 5, 6, PAD_TIME]])
+    tgt_t = torch.tensor([[2, 3, 5, PAD_TIME, PAD_TIME]])
+    batch = SequenceBatch(users=torch.tensor([1]), aux_items=torch.tensor([[4, 5, 6, 7, 0]]),
+                          aux_behaviors=torch.tensor([[1, 2, 1, 1, 0]]), aux_times=aux_t,
+                          tgt_items=torch.tensor([[8, 9, 10, 0, 0]]), tgt_times=tgt_t,
+                          query_times=torch.tensor([[3, 5]]), labels=torch.tensor([[11, 12]]))
+    with torch.no_grad():
+        base = model.full_scores(batch)[0]
+        for name, times in (("aux_items", aux_t), ("tgt_items", tgt_t)):
+            for j in range(int((times < PAD_TIME).sum())):
+                items = getattr(batch, name).clone()
+                items[0, j] = items[0, j] % N_ITEMS + 13
+                after = model.full_scores(SequenceBatch(**{**vars(batch), name: items}))[0]
+                for p, q in enumerate(batch.query_times[0].tolist()):
+                    change = float((after[p] - base[p]).abs().max())
+                    assert (change > 1e-5) == (int(times[0, j]) < q), (name, j, q, change)

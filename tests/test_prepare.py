@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from m3bsr.batch import PAD_TIME
 from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.config import PrepareConfig, load_prepare_config
 from m3bsr.data.prepare import prepare, sample_candidates
@@ -121,6 +122,33 @@ def test_split_never_leaks_and_candidates_exclude_the_whole_log(tmp_path):
         assert (w.candidates[:, 0, 0] == w.labels[:, 0]).all()
 
 
+
+@pytest.mark.parametrize("max_len", [3, 50])
+def test_training_windows_never_hold_held_out_events(tmp_path, max_len):
+    """Training windows hold every target event before the user's valid target exactly once, and no
+    event at or after it: not the valid or test target, nor a click after them; a window's clicks
+    come before its last target. With max_len 3 a user's targets span several windows."""
+    prepare(_write(tmp_path, _random_log()), _cfg(keep_last=30, n_negatives=20), tmp_path / "out", **QUIET)
+    ds = PreparedDataset.load(tmp_path / "out")
+    held = {int(u): min(v, t) for u, v, t in zip(ds.valid.user, ds.valid.order, ds.test.order)}
+    ev = ds.events
+    first = ev["user"].map(held)
+    assert ((ev.stream == 0) & (ev.order > first)).any()  # clicks after a held-out target exist
+    before = ev[(ev.stream == 1) & (ev.order < first)]
+    expected = sorted(zip(before.user.tolist(), before.order.tolist()))
+    w = WindowBuilder(ds, max_len).train_windows()
+    seen = []
+    for row in range(len(w)):
+        u, real = int(w.users[row]), w.labels[row] != 0
+        q = w.query_times[row][real]
+        np.testing.assert_array_equal(q, w.tgt_times[row][real])  # every target is a query
+        assert (w.tgt_times[row][~real] == PAD_TIME).all()
+        aux = w.aux_times[row][w.aux_times[row] < PAD_TIME]
+        assert real.any() and (q < held[u]).all() and (aux < q.max()).all(), (u, q, aux, held[u])
+        seen += [(u, int(t)) for t in q]
+    assert sorted(seen) == expected
+    assert max_len > 3 or len(w) > ds.n_users  # some user's targets did span several windows
+
 def test_candidates_are_uniform_over_unseen_items():
     rng = np.random.default_rng(0)
     n_items, n_neg, reps = 50, 10, 3000
@@ -210,6 +238,37 @@ def test_shared_retail_rocket_statistics(shared_data, tmp_path):
     assert ds.test.candidates.shape == (ds.n_users, 100)
     assert (ds.events.groupby(["user", "stream"]).size() <= 50).all()
     assert json.loads((tmp_path / "rr" / "manifest.json").read_text())["source"]["files"][0]["sha256"]
+    # The statistics (Table 1) against the paper cut redone here from the raw log, step by step.
+    raw = pd.read_csv(shared_data / "retail_rocket" / "events.csv.gz")
+    expected = {"input_events": len(raw), "input_users": raw.user.nunique(), "input_items": raw.item.nunique()}
+    raw["row"] = np.arange(len(raw))
+    kept = raw[raw.behavior.isin(["view", "cart", "buy"])]
+    expected["events_other_behaviors_dropped"] = len(raw) - len(kept)
+    small = kept.groupby("user").item.transform("size") < 5
+    expected["users_dropped_min_user_events"] = kept[small].user.nunique()
+    kept = kept[~small].sort_values(["user", "timestamp", "row"], kind="stable")
+    kept = kept.assign(stream=(kept.behavior == "buy").astype(int))
+    from_end = kept.groupby(["user", "stream"]).cumcount(ascending=False)
+    expected["events_dropped_keep_last"] = int((from_end >= 50).sum())
+    kept = kept[from_end < 50]
+    few = kept.groupby("user").stream.transform("sum") < 2
+    expected["users_dropped_min_target_events"] = kept[few].user.nunique()
+    kept = kept[~few]
+    s = m["statistics"]
+    assert {k: s["filtering"][k] for k in expected} == expected
+    assert min(expected.values()) >= 0 and expected["events_dropped_keep_last"] > 0
+    assert (s["users"], s["items"], s["events"]) == (kept.user.nunique(), kept.item.nunique(), len(kept))
+    assert (s["users"], s["items"], s["events"]) == (ds.n_users, ds.n_items, len(ds.events))
+    assert s["events_per_behavior"] == {b: int((kept.behavior == b).sum()) for b in ("view", "cart", "buy")}
+    for label, stream in (("auxiliary", 0), ("target", 1)):
+        part = kept[kept.stream == stream]
+        per_user = part.groupby("user").size().reindex(kept.user.unique(), fill_value=0)
+        assert s["streams"][label]["events"] == len(part) and s["streams"][label]["items"] == part.item.nunique()
+        assert s["streams"][label]["length"]["max"] == per_user.max()
+        assert s["streams"][label]["length"]["mean"] == pytest.approx(per_user.mean(), abs=0.005)
+        assert s["streams"][label]["length"]["p50"] == per_user.median()
+    assert s["density"] == pytest.approx(len(kept) / (kept.user.nunique() * kept.item.nunique()))
+    assert s["time_span"] == [int(kept.timestamp.min()), int(kept.timestamp.max())]
 
 
 def test_inspect_prints_table_one(tmp_path, capsys):

@@ -145,15 +145,30 @@ def test_prepare_gives_a_valid_dataset_or_a_clean_input_error():
 
 
 def test_candidates_never_collide_on_a_dense_log():
-    """A dense log (few unseen items) either samples disjoint negatives or refuses, naming the user."""
+    """A dense log (few unseen items) either samples negatives the user never touched, from the exact
+    unseen pool where it is small, or refuses, naming the user whose pool is too small."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "events.csv"
         rows = [(u, int(rng.integers(1, 9)), "buy" if k % 2 else "view", k) for u in range(1, 5) for k in range(12)]
         _write_log(src, rows, None, 0)
+        unseen = {str(u): set(range(1, 9)) - {i for v, i, _, _ in rows if v == u} for u in range(1, 5)}
+        assert [len(unseen[u]) for u in "1234"] == [1, 2, 2, 3]  # user 1 left one item of 8 untouched
         base = {"name": "dense", "behaviors": {"target": "buy", "auxiliary": ["view"]}, "min_user_events": 1}
+        for seed in range(4):  # user 1 draws from its exact pool, the others by rejection
+            out = Path(tmp) / f"ok{seed}"
+            prepare(src, PrepareConfig.model_validate({**base, "n_negatives": 1, "seed": seed}), out,
+                    log=lambda message: None)
+            ds = PreparedDataset.load(out)
+            user = dict(zip(ds.users["user"], ds.users["original"]))
+            item = dict(zip(ds.items["item"], ds.items["original"]))
+            assert ds.n_items == 8 and ds.n_users == 4
+            for t in (ds.valid, ds.test):
+                assert t.candidates.shape == (4, 2) and (t.candidates[:, 0] == t.item).all()
+                for u, neg in zip(t.user, t.candidates[:, 1]):
+                    assert int(item[int(neg)]) in unseen[user[int(u)]], (seed, user[int(u)], item[int(neg)])
         try:
-            prepare(src, PrepareConfig.model_validate({**base, "n_negatives": 50}), Path(tmp) / "a", log=print)
-            raise AssertionError("50 negatives cannot be unseen in an 8-item catalogue")
+            prepare(src, PrepareConfig.model_validate({**base, "n_negatives": 2}), Path(tmp) / "a", log=print)
+            raise AssertionError("user 1 has one unseen item: 2 negatives cannot be unseen")
         except InputError as e:
-            assert str(e).startswith("user '") and "n_negatives=50" in str(e), str(e)
+            assert str(e).startswith("user '1'") and "only 1 of the 8" in str(e) and "n_negatives=2" in str(e), str(e)
