@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Reproduces docs/results.md sections 2-4 (the presets): the ladder on validation, Table 1 on test, and
+# the same checkpoints under the whole-history mask. Every run is seeded; the same machine gives the
+# same metrics. Measured with two to four jobs sharing 2 cores, one thread each (about 5 CPU-hours).
+#
+#   bash benchmarks/reproduce_presets.sh [OUT]      (OUT defaults to /work/results-presets; never in the repo)
+#
+# Needs the real data under ../shared/data (docs/data.md) and the offline ml100k_mm features
+# (docs/features.md): TEXT=.../ml100k_text.parquet, IMAGE=.../ml100k_image.parquet.
+set -euo pipefail
+OUT=${1:-/work/results-presets}
+DATA=${DATA:-../shared/data}
+TEXT=${TEXT:-/work/cache/ml100k_text.parquet}
+IMAGE=${IMAGE:-/work/cache/ml100k_image.parquet}
+M3="${M3:-.venv/bin/m3bsr}"
+export OMP_NUM_THREADS=1
+
+# ---------------------------------------------------------------- 0. prepared datasets (all users)
+$M3 prepare "$DATA/ml100k_mm" --preset ml100k_mm --out "$OUT/data/ml100k_mm" \
+    --set features.text="$TEXT" --set features.image="$IMAGE"
+$M3 prepare synthetic --out "$OUT/data/synthetic"
+$M3 prepare "$DATA/retail_rocket" --preset retail_rocket --out "$OUT/data/retail_rocket"
+$M3 prepare "$DATA/tmall" --preset tmall --out "$OUT/data/tmall"
+
+# ---------------------------------------------------------------- 1. the ladder (validation only)
+BUDGET="--set train.eval_test=false --set train.batch_size=64 --set train.max_epochs=40 --set train.patience=3
+        --set data.max_len=50 --device cpu --quiet"
+declare -A ROW=(
+  [R0]="model.no_specific_experts=true model.repeat=false model.item_content=false"
+  [R1]="model.no_specific_experts=true model.repeat=false model.content_gate=false"
+  [R1g]="model.no_specific_experts=true model.repeat=false"
+  [R1g-raw]="model.no_specific_experts=true model.repeat=false model.feature_norm=none"
+  [R2]="model.no_specific_experts=true model.content_gate=false"
+  [R2g]="model.no_specific_experts=true"
+  [R3]="model.no_specific_experts=false model.no_cdmd_m=true model.no_cdmd_b=true model.no_disentangle=true"
+  [R4]="model.no_specific_experts=false model.no_cdmd_b=true model.no_disentangle=true"
+  [R5]="model.no_specific_experts=false model.no_disentangle=true"
+  [R6]="model.no_specific_experts=false"
+  [P]="model.preset=paper"
+)
+ladder() {  # ladder DATASET NAME MODEL "KEYS" d lr
+  local sets="--set model.hidden_size=$5 --set train.lr=$6"
+  for k in $4; do sets="$sets --set $k"; done
+  for s in 0 1 2; do
+    [ -f "$OUT/ladder/$1/$2-d$5-lr$6-s$s/metrics.json" ] ||
+      $M3 train --dataset "$OUT/data/$1" --model "$3" --seed $s $BUDGET $sets --out "$OUT/ladder/$1/$2-d$5-lr$6-s$s" --overwrite
+  done
+}
+for ds in ml100k_mm synthetic retail_rocket; do
+  for r in R0 R1 R1g R2 R2g; do ladder $ds $r m3bsr "${ROW[$r]}" 64 0.003; done
+  # R3-R6 ran with ungated content on ml100k_mm (the gate came later) and gated on synthetic
+  gate=$([ $ds = ml100k_mm ] && echo model.content_gate=false || true)
+  for r in R3 R4 R5 R6; do ladder $ds $r m3bsr "${ROW[$r]} $gate" 64 0.003; done
+  ladder $ds R2g m3bsr "${ROW[R2g]}" 64 0.001
+  ladder $ds R2g m3bsr "${ROW[R2g]}" 128 0.001
+  reg=$([ $ds = ml100k_mm ] && echo "model.dropout=0.5 train.weight_decay=0.0001" || true)  # its ml100k_mm sweep
+  ladder $ds P m3bsr "${ROW[P]} $reg" 64 0.003
+  for d_lr in "128 0.001" "64 0.003" "64 0.001"; do ladder $ds S sasrec "" $d_lr; done
+done
+ladder ml100k_mm R1g-raw m3bsr "${ROW[R1g-raw]}" 64 0.003
+# Tables: the valid NDCG@10 of each run is in its metrics.json ("valid" → "full" / "sampled").
+
+# ---------------------------------------------------------------- 2. Table 1 (test, once)
+C=benchmarks/configs
+ALL=m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr,mmsasrec
+$M3 compare --dataset "$OUT/data/ml100k_mm" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/ml100k_mm" --quiet
+$M3 compare --dataset "$OUT/data/synthetic" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/synthetic" --quiet
+$M3 compare --dataset "$OUT/data/retail_rocket" --models m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr \
+    --seeds 0,1,2 --config $C/table1_retail.yaml --out "$OUT/table1/retail_rocket" --quiet
+$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,pop,sasrec --seeds 0 --config $C/table1_tmall.yaml \
+    --out "$OUT/table1/tmall" --quiet
+
+# ---------------------------------------------------------------- 3. the same checkpoints, whole history masked
+for run in "$OUT"/table1/*/runs/*; do
+  $M3 evaluate "$run" --exclude all --json "$run/exclude_all.json" --quiet > /dev/null
+done
+
+# ---------------------------------------------------------------- 4. seconds per epoch, side by side
+python benchmarks/run.py --only train --no-curves
