@@ -160,6 +160,19 @@ def test_cache_up_to_date_and_config_change(tmp_path):
         prepare(src, _cfg(n_negatives=10), out, **QUIET)
 
 
+def test_unset_single_behavior_key_keeps_earlier_caches_up_to_date():
+    """events.behavior came later: left unset, a preset's fingerprint is the one computed before it
+    existed (pinned), so prepared directories of earlier runs stay up to date, not "another config"."""
+    from m3bsr.data.prepare import _fingerprint
+
+    files = [{"role": "events", "sha256": "0" * 64}]
+    assert _fingerprint(load_prepare_config("ml100k_mm"), files) == \
+        "887f15084634eaaa05b13799e790034f30b8395de244824b0da3be4068403c00"
+    assert _fingerprint(load_prepare_config("ml100k_mm", overrides=["behaviors.auxiliary=[]",
+                                                                    "behaviors.ignore=[click]"]), files) != \
+        _fingerprint(load_prepare_config("ml100k_mm"), files)
+
+
 def test_item_table_and_features(tmp_path):
     from safetensors.numpy import save_file
 

@@ -206,8 +206,11 @@ def _source_files(source: str | Path, cfg: PrepareConfig) -> tuple[Path | None, 
 
 
 def _fingerprint(cfg: PrepareConfig, hashes: list[dict[str, Any]]) -> str:
+    config = cfg.to_dict()
+    if config["events"]["behavior"] is None:  # added later; unset, it leaves earlier caches up to date
+        del config["events"]["behavior"]
     blob = json.dumps({"prepare_version": PREPARE_VERSION,
-                       "config": cfg.to_dict(), "files": [(h["role"], h["sha256"]) for h in hashes]},
+                       "config": config, "files": [(h["role"], h["sha256"]) for h in hashes]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
