@@ -147,6 +147,19 @@ def _not_an_image(ctx: Ctx) -> Setup:
     return Setup(["features", "image", str(folder), "--out", str(out), "--quiet"], [out], [folder])
 
 
+def _paper_on_single_behavior(ctx: Ctx) -> Setup:
+    """m3bsr's paper preset on a dataset prepared from a user,item,timestamp log (no auxiliary stream)."""
+    src = ctx.tmp / "plays.csv"
+    src.write_text("user,item,timestamp\n" + "".join(f"{u},{(u * 7 + k * 3) % 30 + 1},{100 * u + k}\n"
+                                                     for u in range(1, 7) for k in range(8)))
+    ds = ctx.tmp / "plays"
+    assert cli_main(["prepare", str(src), "--set", "events.behavior=play", "--set", "n_negatives=3",
+                     "--out", str(ds), "--quiet"]) == 0
+    out = ctx.tmp / "run"
+    return Setup(["train", "--dataset", str(ds), "--model", "m3bsr", "--set", "model.preset=paper", "--out", str(out),
+                  "--quiet", "--device", "cpu"], [out], [ds])
+
+
 def _set_model(name: str, **extra) -> Callable[[dict], None]:
     def edit(raw: dict) -> None:
         raw["model"] = {"name": name, **{k: v for k, v in raw["model"].items() if k != "name"}, **extra}
@@ -171,6 +184,14 @@ CASES: dict[str, tuple[Callable[[Ctx], Setup], list[str]]] = {
                          ["events.csv row 2: unknown behavior 'purchase'", "behaviors.ignore"]),
     "target_absent": (lambda c: _prepare(c, HEADER + "1,2,view,5\n1,3,view,6\n"),
                       ["target behavior 'buy' does not occur (present: view)"]),
+    "no_behavior_column": (lambda c: _prepare(c, "user,item,timestamp\n1,2,5\n"),
+                           ["events.csv: missing column 'behavior'", "set events.behavior=NAME"]),
+    "behavior_key_and_column": (lambda c: _prepare(c, None, "events.behavior=buy"),
+                                ["events.csv: events.behavior='buy' says the log has no behavior column, but it "
+                                 "has one ('behavior')", "Drop events.behavior"]),
+    "paper_preset_single_behavior": (_paper_on_single_behavior,
+                                     ["model.preset=paper: the common expert attends from auxiliary to target "
+                                      "events", "plays has no auxiliary behavior", "Use the default preset"]),
     "all_users_filtered": (lambda c: _prepare(c, None, "min_user_events=1000"),
                            ["no user left after filtering", "min_user_events=1000", "Lower the thresholds"]),
     "features_nan": (lambda c: _features(c, "text.npy", [1, 2, 3], [[0, 1], [np.nan, 1], [1, 1]]),

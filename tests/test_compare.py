@@ -65,8 +65,10 @@ def test_report_files_and_numbers(fake_run):
     table = run()
     assert len(engine.calls) == 6
     csv = pd.read_csv(out / "results.csv")
-    assert list(csv.columns) == ["model", "seed", "split", "protocol", *metric_names(KS), "best_epoch", "epochs",
-                                 "seconds_per_epoch"]
+    assert list(csv.columns) == ["model", "mode", "seed", "split", "protocol", *metric_names(KS), "best_epoch",
+                                 "epochs", "seconds_per_epoch"]
+    assert csv.groupby("model")["mode"].first().to_dict() == {
+        "sasrec": "merged: auxiliary + target", "m3bsr": "multi-behavior: merged backbone", "pop": "target only"}
     assert len(csv) == 3 * 2 * 2 * 2  # models x seeds x splits x protocols
     assert csv.groupby(["model", "split", "protocol"]).size().eq(2).all()
     # Mean ± std of a cell, computed by hand from the ranks.
@@ -198,3 +200,34 @@ def test_compare_end_to_end_with_engine(tmp_path, capsys):
     assert sig[0]["reference"] == "sasrec" and sig[0]["users"] == 24
     assert cli_main(args + ["--set", "train.lr=0.5"]) == 2  # same --out, different config: one-line error
     assert "different config" in capsys.readouterr().err
+
+
+def single_behavior_dataset(root):
+    """The tiny dataset with its clicks dropped, prepared from a user,item,timestamp file."""
+    from m3bsr.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.load(make_tiny_prepared(root / "multi", n_users=12))
+    ev = ds.events[ds.events.stream == 1]
+    (root / "plays.csv").write_text("user,item,timestamp\n" + "".join(
+        f"u{u},i{i},{t}\n" for u, i, t in zip(ev.user, ev.item, ev.timestamp)))
+    assert cli_main(["prepare", str(root / "plays.csv"), "--set", "events.behavior=play", "--set", "n_negatives=10",
+                     "--out", str(root / "plays"), "--quiet"]) == 0
+    return root / "plays"
+
+
+def test_single_behavior_modes_and_refusals(tmp_path):
+    """The report says what each model read; a model that cannot run stops compare before any run."""
+    data, engine, out, logged = single_behavior_dataset(tmp_path), FakeEngine(), tmp_path / "cmp", []
+    compare.run_compare(data, ["sasrec", "m3bsr", "pop"], [0], out=out, train_fn=engine, log=logged.append)
+    csv = pd.read_csv(out / "results.csv")
+    assert set(csv["mode"]) == {"target (single-behavior data)"}
+    md = (out / "results.md").read_text()
+    assert "## What each model read" in md and "| sasrec | target (single-behavior data) |  |" in md
+    assert "| m3bsr | target (single-behavior data) | m3bsr: " in md
+    assert [line for line in logged if "notice" in line] == [next(x for x in logged if x.startswith("m3bsr: notice"))]
+    with pytest.raises(InputError, match=r"--models entry 'm3bsr@paper': model.preset=paper: .*no auxiliary "
+                                         r"behavior.*drop the entry from --models"):
+        compare.run_compare(data, ["sasrec", "m3bsr@paper"], [0], out=tmp_path / "cmp2", train_fn=engine,
+                            log=lambda m: None)
+    assert engine.calls == ["sasrec-s0", "m3bsr-s0", "pop-s0"]  # nothing ran for the refused compare
+    assert not (tmp_path / "cmp2").exists()

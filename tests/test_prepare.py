@@ -188,6 +188,19 @@ def test_cache_up_to_date_and_config_change(tmp_path):
         prepare(src, _cfg(n_negatives=10), out, **QUIET)
 
 
+def test_unset_single_behavior_key_keeps_earlier_caches_up_to_date():
+    """events.behavior came later: left unset, a preset's fingerprint is the one computed before it
+    existed (pinned), so prepared directories of earlier runs stay up to date, not "another config"."""
+    from m3bsr.data.prepare import _fingerprint
+
+    files = [{"role": "events", "sha256": "0" * 64}]
+    assert _fingerprint(load_prepare_config("ml100k_mm"), files) == \
+        "887f15084634eaaa05b13799e790034f30b8395de244824b0da3be4068403c00"
+    assert _fingerprint(load_prepare_config("ml100k_mm", overrides=["behaviors.auxiliary=[]",
+                                                                    "behaviors.ignore=[click]"]), files) != \
+        _fingerprint(load_prepare_config("ml100k_mm"), files)
+
+
 def test_item_table_and_features(tmp_path):
     from safetensors.numpy import save_file
 
@@ -309,3 +322,102 @@ def test_shared_datasets_prepare(shared_data, tmp_path, folder, preset, sets):
     ds = PreparedDataset.load(tmp_path / folder)
     assert len(ds.test) == len(ds.valid) == ds.n_users > 0
     assert (ds.test.candidates[:, 0] == ds.test.item).all()
+
+
+# --------------------------------------------------------------------------- single-behavior logs
+
+
+def _write_plays(tmp_path, rows, name="plays.csv") -> Path:
+    """``rows`` of (user, item, timestamp) as a CSV with no behavior column."""
+    path = tmp_path / name
+    pd.DataFrame(rows, columns=["user", "item", "timestamp"]).to_csv(path, index=False)
+    return path
+
+
+def test_single_behavior_log_without_behavior_column(tmp_path):
+    rows = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("a", "x", 4),
+            ("b", "y", 1), ("b", "w", 2),                      # 2 events < min_user_events
+            ("c", "w", 5), ("c", "v", 6), ("c", "x", 7)]
+    cfg = load_prepare_config(None, None, ["events.behavior=play", "min_user_events=3", "n_negatives=1"])
+    assert cfg.behaviors.target == "play" and cfg.behaviors.auxiliary == []  # one key names the behavior
+    m = prepare(_write_plays(tmp_path, rows), cfg, tmp_path / "out", **QUIET)
+    ds = PreparedDataset.load(tmp_path / "out")
+    assert m["behaviors"] == {"names": ["play"], "target": "play", "auxiliary": []}
+    s = m["statistics"]
+    assert s["streams"]["auxiliary"]["events"] == 0 and s["streams"]["target"]["events"] == 7
+    assert s["events_per_behavior"] == {"play": 7} and s["filtering"]["users_dropped_min_user_events"] == 1
+    assert "auxiliary=none (single-behavior dataset)" in format_statistics(m)
+    assert (ds.events["stream"] == 1).all() and (ds.events["behavior"] == 0).all()
+    assert ds.users["original"].tolist() == ["a", "c"]
+    item = dict(zip(ds.items["original"], ds.items["item"]))
+    assert ds.test.item.tolist() == [item["x"], item["x"]] and ds.test.order.tolist() == [3, 2]
+    assert ds.valid.item.tolist() == [item["z"], item["v"]] and ds.valid.order.tolist() == [2, 1]
+    # a touched x, y, z: only v and w are unseen; c touched w, v, x: only y and z
+    assert {int(c) for c in ds.test.candidates[:, 1]} <= {item["v"], item["w"], item["y"], item["z"]}
+    assert ds.test.candidates[0, 1] in (item["v"], item["w"]) and ds.test.candidates[1, 1] in (item["y"], item["z"])
+    cat = ds.catalogue()
+    assert cat.behavior_names == ["play"] and cat.target_behavior == 1 and cat.single_behavior
+    w = WindowBuilder(ds, max_len=4)
+    train, test = w.train_windows(), w.eval_windows("test")
+    assert (train.aux_items == 0).all() and (test.aux_items == 0).all()  # the auxiliary stream is empty
+    assert train.n_targets == 7 - 4  # every target before the valid/test ones
+    assert test.tgt_items.shape == (2, 4) and test.candidates.shape == (2, 1, 2)
+
+
+def _multi_log(n_users=50, n_items=80, seed=1):
+    """A click/favor log in input order that is not time order, with ties."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(2, 30))
+        t = np.sort(rng.integers(0, 40, n))
+        beh = rng.choice(["click", "favor"], size=n, p=[0.6, 0.4])
+        rows += [(f"u{u}", f"i{rng.integers(0, n_items)}", beh[k], int(t[k])) for k in range(n)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def _targets_by_original(ds: PreparedDataset) -> dict:
+    """Per original user: target-stream items (original ids) in order, and the valid / test items."""
+    user = dict(zip(ds.users["user"], ds.users["original"]))
+    item = np.concatenate([[""], ds.items["original"].to_numpy()])
+    tgt = ds.events[ds.events.stream == 1]
+    seq = {user[u]: item[g["item"].to_numpy()].tolist() for u, g in tgt.groupby("user")}
+    return {u: (seq[u], item[ds.valid.item[k]], item[ds.test.item[k]])
+            for k, u in enumerate(user[x] for x in ds.valid.user)}
+
+
+def test_single_behavior_split_equals_multi_behavior_without_auxiliary(tmp_path):
+    """The same favors give the same split whether the clicks are an auxiliary stream, ignored, or absent."""
+    rows = _multi_log()
+    log = pd.DataFrame(rows, columns=["user", "item", "behavior", "timestamp"])
+    src = tmp_path / "src"
+    src.mkdir()
+    log.to_csv(src / "events.csv", index=False)
+    favors = _write_plays(tmp_path, log.loc[log.behavior == "favor", ["user", "item", "timestamp"]].values.tolist())
+    base = {"name": "t", "events": {"path": "events.csv"}, "min_user_events": 2, "keep_last": 8,
+            "min_target_events": 2, "n_negatives": 10}
+    multi = PrepareConfig.model_validate({**base, "behaviors": {"target": "favor", "auxiliary": ["click"]}})
+    ignored = PrepareConfig.model_validate({**base, "behaviors": {"target": "favor", "ignore": ["click"]}})
+    single = PrepareConfig.model_validate({**base, "events": {"behavior": "favor"}})
+    for cfg, source, name in ((multi, src, "multi"), (ignored, src, "ignored"), (single, favors, "single")):
+        prepare(source, cfg, tmp_path / name, **QUIET)
+    ds = {n: PreparedDataset.load(tmp_path / n) for n in ("multi", "ignored", "single")}
+    assert (ds["multi"].events.stream == 0).any()
+    assert len(ds["single"].users) > 20
+    # the target sequences (after the per-stream cut) and the leave-one-out targets are the same
+    assert _targets_by_original(ds["single"]) == _targets_by_original(ds["multi"]) \
+        == _targets_by_original(ds["ignored"])
+    # dropping the clicks in the config or in the file gives the same prepared events and split...
+    a, b = ds["ignored"], ds["single"]
+    pd.testing.assert_frame_equal(a.events, b.events)
+    pd.testing.assert_frame_equal(a.items, b.items)
+    for split in ("valid", "test"):
+        x, y = getattr(a, split), getattr(b, split)
+        assert (x.user == y.user).all() and (x.item == y.item).all() and (x.order == y.order).all()
+        assert (x.candidates[:, 0] == y.candidates[:, 0]).all()
+    # ...but negatives exclude what the user touched in the whole input file: clicks too when present
+    clicked = log[log.behavior == "click"].groupby("user")["item"].apply(set).to_dict()
+    item = np.concatenate([[""], a.items["original"].to_numpy()])
+    user = dict(zip(a.users["user"], a.users["original"]))
+    for k, u in enumerate(a.test.user):
+        assert not set(item[a.test.candidates[k, 1:]]) & clicked.get(user[u], set())

@@ -49,6 +49,24 @@ class EventsConfig(StrictModel):
                                                 description="rating ranges → behavior; ratings outside are dropped")
     rename: dict[str, str] = Field(default_factory=dict, description="source behavior name → name used here")
     integer_ids: bool = Field(False, description="require user/item ids to be integers")
+    behavior: str | None = Field(None, description="single-behavior log without a behavior column: every row is "
+                                 "this behavior (and, when `behaviors` is not given, the target)")
+
+    @model_validator(mode="after")
+    def _one_behavior_source(self) -> "EventsConfig":
+        if self.behavior is None:
+            return self
+        if not self.behavior.strip():
+            raise ValueError("events.behavior is an empty name")
+        if self.columns.rating is not None or self.rating_behaviors:
+            raise ValueError("events.behavior names the behavior of every row; it cannot be combined with "
+                             "events.columns.rating / events.rating_behaviors")
+        if "behavior" in self.columns.model_fields_set and self.columns.behavior is not None:
+            raise ValueError(f"events.behavior={self.behavior!r} says the log has no behavior column, but "
+                             f"events.columns.behavior={self.columns.behavior!r} names one; set only one of them")
+        if self.columns.behavior is not None:  # stored as null, so the saved config reads back the same
+            self.columns = self.columns.model_copy(update={"behavior": None})
+        return self
 
 
 class ItemsConfig(StrictModel):
@@ -67,7 +85,8 @@ class BehaviorsConfig(StrictModel):
     """Which behavior is predicted and which form the auxiliary stream."""
 
     target: str
-    auxiliary: list[str] = Field(..., min_length=1, description="merged into one auxiliary stream")
+    auxiliary: list[str] = Field(default_factory=list, description="merged into one auxiliary stream; empty = a "
+                                 "single-behavior dataset (no auxiliary stream)")
     ignore: list[str] = Field(default_factory=list, description="behaviors present in the log and dropped")
 
 
@@ -112,6 +131,16 @@ class PrepareConfig(StrictModel):
     n_negatives: int = Field(99, ge=1, description="sampled negatives per valid/test target")
     seed: int = 0
     synthetic: SyntheticConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_behavior_target(cls, raw: object) -> object:
+        """``events.behavior`` alone names the target of a single-behavior log."""
+        if not isinstance(raw, dict) or "behaviors" in raw:
+            return raw
+        events = raw.get("events")
+        name = events.get("behavior") if isinstance(events, dict) else None
+        return {**raw, "behaviors": {"target": name}} if isinstance(name, str) else raw
 
     @model_validator(mode="after")
     def _behaviors_distinct(self) -> "PrepareConfig":

@@ -3,7 +3,8 @@
 Pipeline (the paper's protocol, see docs/data.md):
 
 1. read the event log (any reader) and check behaviors (target present, no unknown names);
-2. keep the target and auxiliary behaviors (auxiliaries merge into one stream);
+2. keep the target and auxiliary behaviors (auxiliaries merge into one stream; none = a
+   single-behavior dataset, whose auxiliary stream is empty);
 3. drop users with fewer than ``min_user_events`` kept events;
 4. per user and stream keep the ``keep_last`` most recent events (order: timestamp, then input order);
 5. drop users with fewer than ``min_target_events`` target events (each needs a valid and a test target);
@@ -205,8 +206,11 @@ def _source_files(source: str | Path, cfg: PrepareConfig) -> tuple[Path | None, 
 
 
 def _fingerprint(cfg: PrepareConfig, hashes: list[dict[str, Any]]) -> str:
+    config = cfg.to_dict()
+    if config["events"]["behavior"] is None:  # added later; unset, it leaves earlier caches up to date
+        del config["events"]["behavior"]
     blob = json.dumps({"prepare_version": PREPARE_VERSION,
-                       "config": cfg.to_dict(), "files": [(h["role"], h["sha256"]) for h in hashes]},
+                       "config": config, "files": [(h["role"], h["sha256"]) for h in hashes]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -266,7 +270,8 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
     kept = _filter_and_order(events, cfg, counts)
     kept, user_orig, item_orig, names = _remap(kept, cfg)
     n_users, n_items = len(user_orig), len(item_orig)
-    log(f"prepare: kept {len(kept):,} events, {n_users:,} users, {n_items:,} items")
+    log(f"prepare: kept {len(kept):,} events, {n_users:,} users, {n_items:,} items"
+        + ("" if cfg.behaviors.auxiliary else f" (single-behavior: {cfg.behaviors.target!r} only)"))
 
     valid_rows, test_rows = _split(kept, n_users)
     seen_u, seen_i = _seen_pairs(events, pd.Index(user_orig), pd.Index(item_orig))
@@ -325,10 +330,12 @@ def main(args) -> int:
         raise input_error("prepare", "no --out given", "Add --out DIR")
     preset = args.preset
     if preset is None and args.config is None:
-        if args.source != "synthetic":
-            raise input_error("prepare", "no --preset or --config given",
-                              "Add --preset NAME (ml100k_mm, retail_rocket, tmall, otto, synthetic) or --config FILE")
-        preset = "synthetic"
+        if args.source == "synthetic":
+            preset = "synthetic"
+        elif not args.sets:  # --set alone may describe a simple log, e.g. --set events.behavior=play
+            raise input_error("prepare", "no --preset, --config or --set given",
+                              "Add --preset NAME (ml100k_mm, retail_rocket, tmall, otto, synthetic), --config FILE, "
+                              "or --set events.behavior=NAME for a user,item,timestamp log of one behavior")
     cfg = load_prepare_config(preset, args.config, list(args.sets))
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     manifest = prepare(args.source, cfg, args.out, overwrite=args.overwrite, log=log)

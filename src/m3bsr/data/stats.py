@@ -47,7 +47,8 @@ def format_statistics(manifest: dict[str, Any]) -> str:
     b = manifest["behaviors"]
     rows = [("dataset", str(manifest.get("source", {}).get("name", "?"))),
             ("cut", str(manifest.get("config", {}).get("cut", "")) or "-"),
-            ("behaviors", f"target={b['target']}  auxiliary={'+'.join(b['auxiliary'])}"),
+            ("behaviors", f"target={b['target']}  auxiliary="
+             f"{'+'.join(b['auxiliary']) or 'none (single-behavior dataset)'}"),
             ("users", f"{s['users']:,}"), ("items", f"{s['items']:,}"), ("events", f"{s['events']:,}")]
     for name, n in s["events_per_behavior"].items():
         rows.append((f"  {name}", f"{n:,}"))

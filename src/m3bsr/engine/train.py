@@ -41,7 +41,8 @@ from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
 from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, format_table
 from m3bsr.errors import InputError, input_error
-from m3bsr.models.registry import build_model
+from m3bsr.models.base import DataMode
+from m3bsr.models.registry import build_model, model_class
 from m3bsr.seeding import derive_seed, seed_everything, torch_generator
 
 CHECKPOINT_FORMAT = 1
@@ -87,6 +88,7 @@ class Session:
     rank: int = 0
     world_size: int = 1
     ddp: bool = False  # loss_fn is a DistributedDataParallel module (gradients all-reduced)
+    mode: DataMode = DataMode("")  # what the model reads of the dataset (models/base.py ``data_mode``)
 
     @property
     def dist_ctx(self) -> distributed.DistContext:
@@ -167,9 +169,11 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
     ctx = distributed.DistContext(rank, world_size, local_rank)
     device = distributed.device_for(ctx, resolve_device(cfg.train.device))
     ds = PreparedDataset.load(dataset)
+    catalogue = ds.catalogue()
+    mode = model_class(cfg.model.name).data_mode(cfg.model, catalogue, where=str(dataset))  # before any work
     builder = WindowBuilder(ds, cfg.data.max_len)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, ds.catalogue()).to(device)
+    model = build_model(cfg.model, catalogue).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
                  if params else None)  # e.g. pop: buffers only
@@ -179,7 +183,7 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
                    optimizer=optimizer, device=device, train_windows=builder.train_windows(),
                    valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
                    shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
-                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module))
+                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module), mode=mode)
 
 
 def attach_run(session: Session, run: RunDir) -> None:
@@ -213,7 +217,10 @@ def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt"
 def fit(s: Session, state: TrainState) -> dict:
     """Epochs until max_epochs or patience (one pass for a ``fit_once`` model), then test once on the best."""
     s.log(f"model {s.cfg.model.name} on {s.dataset} ({len(s.train_windows)} windows, "
-          f"{s.train_windows.n_targets} targets) device {s.device}", echo=True)  # says which model is trained
+          f"{s.train_windows.n_targets} targets) device {s.device}, reads {s.mode.mode}",
+          echo=True)  # says which model is trained, on what
+    if s.mode.notice:
+        s.log(f"notice: {s.mode.notice}", echo=True)
     once = fits_once(s)
     while not (state.epoch >= 1 if once else should_stop(s.cfg, state)):
         state.epoch += 1
@@ -388,7 +395,7 @@ def finish(s: Session, state: TrainState) -> dict:
     records = s.run.read_records()
     summary = {"valid": state.best_valid, "test": test, "best_epoch": state.best_epoch, "epochs": state.epoch,
                "seconds_per_epoch": float(np.mean([r["seconds"] for r in records])) if records else 0.0,
-               "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset),
+               "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset), "mode": s.mode.mode,
                "targets_per_second": float(np.mean([r["targets_per_second"] for r in records])) if records else 0.0,
                "skipped_batches": state.skipped_batches,
                "stop_reason": stop_reason(s, state)}

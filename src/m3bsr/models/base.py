@@ -14,12 +14,17 @@ The engine, evaluation, comparison and serving know nothing else about a model:
 * ``history_bonus(reps, batch) -> (items [B, P, H], bonus [B, P, H]) | None`` (optional): extra
   scores for items of each query's own history (a repeat head); the engine adds them to the
   scores of those items everywhere scores are read (loss, both protocols, serving). Duplicates add up.
+* ``data_mode(cfg, catalogue) -> DataMode`` (classmethod, before the model is built): what the model
+  reads of this dataset, in a few words, and a notice when parts of it are inert (e.g. behavior-aware
+  parts on a single-behavior dataset); an :class:`~m3bsr.errors.InputError` naming the key to set
+  when it cannot run on it. The engine records the mode in metrics.json; ``compare`` tabulates it.
 
 Models return raw scores; the engine masks padding and history and computes metrics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,6 +33,19 @@ from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
+
+
+SINGLE_BEHAVIOR_MODE = "target (single-behavior data)"
+"""The mode of every model that runs on a dataset without an auxiliary behavior."""
+
+
+@dataclass(frozen=True)
+class DataMode:
+    """How a model reads a dataset: ``mode`` in a few words (metrics.json, compare's table) and a
+    ``notice`` printed once when training starts, or None."""
+
+    mode: str
+    notice: str | None = None
 
 
 class SequentialRecommender(nn.Module):
@@ -40,6 +58,18 @@ class SequentialRecommender(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.n_items = catalogue.n_items
+
+    @classmethod
+    def data_mode(cls, cfg: BaseModelConfig, catalogue: Catalogue, where: str = "the dataset") -> DataMode:
+        """What this model reads of ``catalogue``'s dataset (``where`` names it in errors and notices).
+
+        The default suits single-stream models: with a ``model.input`` key, ``merged`` reads the
+        auxiliary and target events by time and ``target`` the target events; without one, the target
+        events. On a single-behavior dataset both read the target stream, and nothing is inert."""
+        if catalogue.single_behavior:
+            return DataMode(SINGLE_BEHAVIOR_MODE)
+        merged = getattr(cfg, "input", "target") == "merged"
+        return DataMode("merged: auxiliary + target" if merged else "target only")
 
     # --- to implement ---------------------------------------------------------------------------
     def represent(self, batch: SequenceBatch) -> Tensor:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from m3bsr.batch import PAD, PAD_TIME, Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.errors import input_error
-from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
 from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor, causal_mean_pool
@@ -256,6 +256,30 @@ class M3BSR(SequentialRecommender):
     ``represent_reference`` = one leak-free sub-window per query (for tests)."""
 
     config_class = M3BSRConfig
+
+    @classmethod
+    def data_mode(cls, cfg: M3BSRConfig, catalogue: Catalogue, where: str = "the dataset") -> DataMode:
+        """Multi-behavior. On a single-behavior dataset only the backbone runs (docs/model.md
+        "Single-behavior datasets"): the paper's cross common expert, specific experts and CDMD-B are
+        built on an auxiliary stream, so a config that has them is a one-line error naming the key."""
+        parts = ("merged backbone" if cfg.no_specific_experts else
+                 "backbone + specific experts" if cfg.common_expert == "merged" else "paper experts")
+        if not catalogue.single_behavior:
+            return DataMode(f"multi-behavior: {parts}")
+        if cfg.common_expert == "cross":
+            key, fix = (("model.preset=paper", "Use the default preset (drop model.preset=paper)")
+                        if cfg.preset == "paper" else ("model.common_expert=cross", "Set model.preset=default"))
+            raise input_error(key, f"the common expert attends from auxiliary to target events (Eq. 16-17) and "
+                              f"{where} has no auxiliary behavior (single-behavior)",
+                              f"{fix}: its merged backbone reads the target stream alone")
+        if not cfg.no_specific_experts:
+            raise input_error("model.no_specific_experts=false", "the specific experts and CDMD-B come in "
+                              f"auxiliary/target pairs (Eq. 11-19) and {where} has no auxiliary behavior "
+                              "(single-behavior)", "Set model.no_specific_experts=true (the default preset): "
+                              "the merged backbone reads the target stream alone")
+        return DataMode(SINGLE_BEHAVIOR_MODE, f"m3bsr: {where} has no auxiliary behavior: the merged backbone "
+                        "reads the target stream alone; its behavior embedding and the repeat head's behavior "
+                        "bias have a single behavior")
 
     def __init__(self, cfg: M3BSRConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
-from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
 from m3bsr.models.layers import gather_latest_before, merge_by_time, time_mask
 
 
@@ -114,6 +114,15 @@ class MBSTR(SequentialRecommender):
     """Shapes: merged tokens [B, L] → hidden [B, L, d] → latest before query [B, P, d] → target head."""
 
     config_class = MBSTRConfig
+
+    @classmethod
+    def data_mode(cls, cfg: MBSTRConfig, catalogue: Catalogue, where: str = "the dataset") -> DataMode:
+        """Multi-behavior; on a single-behavior dataset it runs, with its behavior-aware parts inert."""
+        if not catalogue.single_behavior:
+            return DataMode("multi-behavior: behavior-aware, merged")
+        return DataMode(SINGLE_BEHAVIOR_MODE, f"mbstr: {where} has one behavior, so the behavior-specific "
+                        "weights and attention biases are shared by every token and the auxiliary-behavior loss "
+                        "is off: MB-STR runs as a Transformer with relative-distance biases on the target stream")
 
     def __init__(self, cfg: MBSTRConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)
