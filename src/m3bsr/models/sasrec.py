@@ -118,7 +118,7 @@ class SASRec(SequentialRecommender):
 
     def sampled_loss_error(self) -> str | None:
         if self.cfg.loss == "bce":
-            return "model.loss=bce is its own sampled loss (one negative per query); use model.loss=ce"
+            return "model.loss=bce is its own sampled loss (one negative per query); set model.loss=ce"
         return None
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
