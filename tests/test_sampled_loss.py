@@ -271,3 +271,18 @@ def test_config_errors_are_one_line(tiny_prepared, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.loss=sampled" in err and "model.loss=bce" in err, err
     assert cli(args + ["--model", "pop", "--set", "train.loss=sampled", "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.preset=paper",)], ids=["tied", "linear"])
+def test_m3bsr_output_rows_are_the_output_layer_rows(data, overrides):
+    """M3BSR's ``output_rows`` (the tied scorer computes only the asked items' vectors) equals the
+    rows of ``output_layer()``."""
+    catalogue, _, _ = data
+    model = make("m3bsr", catalogue, overrides)
+    with torch.no_grad():
+        if model.input.content_gate is not None:  # starts at zero: let the content part count
+            model.input.content_gate.fill_(0.7)
+        items = torch.tensor([3, 1, 3, catalogue.n_items, 17])
+        weight, bias = model.output_layer()
+        rows, b = model.output_rows(items)
+    assert torch.allclose(rows, weight[items], atol=1e-6) and torch.equal(b, bias[items])
