@@ -43,6 +43,7 @@ from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, format_table
 from m3bsr.errors import InputError, input_error
 from m3bsr.models.base import DataMode
 from m3bsr.models.registry import build_model, model_class
+from m3bsr.models.sampled import NegativeSampler
 from m3bsr.seeding import derive_seed, seed_everything, torch_generator
 
 CHECKPOINT_FORMAT = 1
@@ -177,13 +178,31 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
                  if params else None)  # e.g. pop: buffers only
+    train_windows = builder.train_windows()
+    attach_loss_sampler(cfg, model, train_windows, device)
     loss_fn = distributed.wrap(model, ctx, device)  # model.loss unless DDP has gradients to all-reduce
     return Session(cfg=cfg, dataset=Path(dataset), ds=ds, builder=builder, model=model,
                    loss_fn=torch.compile(loss_fn) if cfg.train.compile else loss_fn,
-                   optimizer=optimizer, device=device, train_windows=builder.train_windows(),
+                   optimizer=optimizer, device=device, train_windows=train_windows,
                    valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
                    shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
                    rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module), mode=mode)
+
+
+def attach_loss_sampler(cfg: Config, model: torch.nn.Module, train_windows: WindowArrays,
+                        device: torch.device) -> None:
+    """``train.loss=sampled``: give the model a :class:`~m3bsr.models.sampled.NegativeSampler` over the
+    training targets' counts, with its own generator derived from the seed (the same negatives on
+    every DDP rank). ``full`` leaves it None. A model fitted once (pop) has no loss to sample."""
+    if cfg.train.loss != "sampled" or getattr(model, "fit_once", False):
+        return
+    reason = model.sampled_loss_error()
+    if reason:
+        raise input_error("train.loss=sampled", f"does not apply to model {cfg.model.name}: {reason}",
+                          "Or set train.loss=full")
+    model.loss_sampler = NegativeSampler.from_labels(
+        train_windows.labels, model.n_items, cfg.train.loss_negatives, alpha=cfg.train.loss_alpha,
+        replacement=cfg.train.loss_replacement, seed=cfg.seed, device=device)
 
 
 def attach_run(session: Session, run: RunDir) -> None:
@@ -195,6 +214,9 @@ def rng_states(session: Session) -> dict[str, Any]:
     states = {"shuffle": session.shuffle_gen.get_state(), "torch": torch.get_rng_state()}
     if session.cuda:
         states["cuda"] = torch.cuda.get_rng_state_all()
+    sampler = getattr(session.model, "loss_sampler", None)
+    if sampler is not None and sampler.generator is not None:
+        states["negatives"] = sampler.generator.get_state()
     return states
 
 
@@ -208,6 +230,9 @@ def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt"
     torch.set_rng_state(rng["torch"])
     if session.cuda and "cuda" in rng:
         torch.cuda.set_rng_state_all(rng["cuda"])
+    sampler = getattr(session.model, "loss_sampler", None)
+    if sampler is not None and sampler.generator is not None and "negatives" in rng:
+        sampler.generator.set_state(rng["negatives"])
     return TrainState(**checkpoint["state"])
 
 
@@ -221,6 +246,9 @@ def fit(s: Session, state: TrainState) -> dict:
           echo=True)  # says which model is trained, on what
     if s.mode.notice:
         s.log(f"notice: {s.mode.notice}", echo=True)
+    sampler = getattr(s.model, "loss_sampler", None)
+    if sampler is not None:
+        s.log(f"loss sampled: {sampler.describe()}", echo=True)
     once = fits_once(s)
     while not (state.epoch >= 1 if once else should_stop(s.cfg, state)):
         state.epoch += 1

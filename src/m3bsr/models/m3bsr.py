@@ -416,6 +416,13 @@ class M3BSR(SequentialRecommender):
         items = torch.arange(self.n_items + 1, device=self.out_bias.device)
         return self.input.item_vector(items), self.out_bias
 
+    def output_rows(self, items: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Rows of :meth:`output_layer` for ``items`` [C] → ``([C, d], [C])``; the tied scorer computes
+        only those items' vectors (the sampled loss reads S + N rows, not the catalogue's content)."""
+        if self.cfg.scorer == "linear":
+            return self.out.weight[items], self.out.bias[items]
+        return self.input.item_vector(items), self.out_bias[items]
+
     def history_bonus(self, reps: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor] | None:
         """Repeat head (docs/model.md): the items of both streams before each query and their bonus,
         ``([B, P, H], [B, P, H])``; None without ``repeat``."""

@@ -179,18 +179,14 @@ class MBSTR(SequentialRecommender):
         mask = batch.query_mask
         tgt = torch.full((int(mask.sum()),), self.target_behavior, device=h.device)
         reps = self.behavior_head(last[mask], tgt)  # [N, d]
-        weight, _ = self.output_layer()
-        logits = F.linear(reps, weight).float()
-        logits[:, 0] = float("-inf")
-        terms = {"main": F.cross_entropy(logits, batch.labels[mask])}
+        terms = {"main": self.item_loss(reps, batch.labels[mask])}  # full or sampled (train.loss)
         if self.cfg.aux_weight > 0:
             # Token i predicts token i+1 when that one is an auxiliary event (its own behavior head).
             nxt_items, nxt_beh = items[:, 1:], beh[:, 1:]
             sel = (nxt_items != 0) & (nxt_beh != self.target_behavior)
             if sel.any():
-                aux = F.linear(self.behavior_head(h[:, :-1][sel], nxt_beh[sel]), weight).float()
-                aux[:, 0] = float("-inf")
-                terms["aux"] = self.cfg.aux_weight * F.cross_entropy(aux, nxt_items[sel])
+                aux = self.behavior_head(h[:, :-1][sel], nxt_beh[sel])  # [M, d]
+                terms["aux"] = self.cfg.aux_weight * self.item_loss(aux, nxt_items[sel])
             else:
                 terms["aux"] = h.sum() * 0.0
         return terms
