@@ -189,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"m3bsr: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("m3bsr: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # an Interrupted says how to continue; a bare Ctrl-C says nothing more
+        print(f"m3bsr: interrupted: {e}" if str(e) else "m3bsr: interrupted", file=sys.stderr)
         return 130
 
 

@@ -21,3 +21,8 @@ def input_error(where: str, problem: str, fix: str = "") -> InputError:
     if fix:
         msg = f"{msg.rstrip('.')}. {fix}"
     return InputError(" ".join(msg.split()))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command that left work behind; the message names it and the one command that
+    continues it (``'<where>: <what stopped>. <command>'``). The CLI prints it after ``m3bsr: interrupted:``."""

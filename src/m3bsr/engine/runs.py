@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import yaml
 
 from m3bsr import atomic
 from m3bsr.config import Config, build_config
-from m3bsr.errors import input_error
+from m3bsr.errors import InputError, input_error
 
 SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
 
@@ -35,6 +36,23 @@ SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "s
 def default_run_dir(dataset: Path, model: str, seed: int) -> Path:
     """``runs/<dataset-name>-<model>-s<seed>`` (relative to the working directory)."""
     return Path("runs") / f"{Path(dataset).resolve().name}-{model}-s{seed}"
+
+
+def resume_command(root: Path) -> str:
+    """The shell command that continues (or, before any checkpoint, restarts) the run in ``root``."""
+    return f"m3bsr train --resume {shlex.quote(str(root))}"
+
+
+def exists_error(root: Path) -> InputError:
+    """``root`` already exists: the one-line error; an unfinished run (config.yaml, no metrics.json) is
+    told the command that continues it."""
+    root = Path(root)
+    if (root / "config.yaml").is_file() and not (root / "metrics.json").is_file():
+        return input_error(str(root), "run directory already exists and holds an unfinished run (interrupted?)",
+                           f"Continue it with `{resume_command(root)}`, pass --overwrite to start it over, "
+                           "or choose another --out")
+    return input_error(str(root), "run directory already exists",
+                       "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
 
 
 def split_run_config(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
@@ -76,8 +94,7 @@ class RunDir:
         """A fresh run directory holding only ``config.yaml`` (atomic; replaces an old one only with ``overwrite``)."""
         root = Path(root)
         if root.exists() and not overwrite:
-            raise input_error(str(root), "run directory already exists",
-                              "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+            raise exists_error(root)
         with atomic.atomic_dir(root, overwrite=True) as tmp:
             atomic.write_yaml(tmp / "config.yaml", {"dataset": str(Path(dataset).resolve()), **cfg.to_dict()})
         return cls(root)
