@@ -38,7 +38,9 @@ class FakeEngine:
     def __call__(self, cfg, dataset, out, *, overwrite, quiet):
         self.calls.append(out.name)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()), **cfg.to_dict()}))
+        fingerprint = json.loads((dataset / "manifest.json").read_text()).get("fingerprint")
+        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()),
+                                                         "dataset_fingerprint": fingerprint, **cfg.to_dict()}))
         ranks = fake_ranks(cfg.model.name, cfg.seed)
         test = {"sampled": metrics_from_ranks(ranks, KS), "full": metrics_from_ranks(ranks + 3, KS)}
         summary = {"valid": test, "test": test, "best_epoch": 1, "epochs": 2, "seconds_per_epoch": 0.5,

@@ -202,9 +202,10 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
             train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
             log: Callable[[str], None] = print) -> dict:
     """Train one run, reuse it when finished with the same config, or resume it from last.pt."""
+    from m3bsr.engine.runs import split_run_config
+
     if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        stored_dataset = stored.pop("dataset", None)
+        stored, stored_dataset = split_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
         if stored != cfg.to_dict() or stored_dataset != str(Path(dataset).resolve()):
             raise input_error(str(run_dir), "was trained with a different config or dataset",
                               "Pass --overwrite to retrain, or choose another --out")

@@ -123,7 +123,8 @@ def train(cfg: Config, dataset: Path, out: Path | None = None, *, overwrite: boo
             raise exists_error(out)
         session = open_session(cfg, Path(dataset), quiet=quiet, rank=ctx.rank, world_size=ctx.world_size,
                                local_rank=ctx.local_rank)
-        run = RunDir.create(out, cfg, dataset, overwrite=overwrite) if session.is_main else RunDir(out)
+        run = (RunDir.create(out, cfg, dataset, overwrite=overwrite, fingerprint=fingerprint(session))
+               if session.is_main else RunDir(out))
         distributed.barrier()
         attach_run(session, run)
         return fit_or_explain(session, TrainState())
@@ -136,6 +137,7 @@ def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> 
     from epoch 1 in the same directory, exactly as a fresh ``train`` of its config.yaml would."""
     run = RunDir(Path(run_dir))
     cfg, dataset = run.read_config(overrides)
+    run.check_dataset(dataset)  # re-prepared since: refused (the weights belong to the old data)
     with distributed.process_group(resolve_device(cfg.train.device)) as ctx:
         checkpoint, why = last_checkpoint(run)  # every rank reads the same last.pt
         session = open_session(cfg, dataset, quiet=quiet, rank=ctx.rank, world_size=ctx.world_size,
@@ -144,7 +146,7 @@ def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> 
                  else restore(session, checkpoint, where=str(run.checkpoint("last"))))
         attach_run(session, run)
         if session.is_main:
-            run.write_config(cfg, dataset)
+            run.write_config(cfg, dataset, fingerprint(session))  # a run from before fingerprints gets one now
             run.write_records([r for r in run.read_records() if r["epoch"] <= state.epoch])
         distributed.barrier()
         session.log(f"resumed from last.pt at epoch {state.epoch}" if checkpoint is not None
@@ -231,6 +233,11 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
                    valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
                    shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
                    rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module), mode=mode)
+
+
+def fingerprint(session: Session) -> str | None:
+    """The fingerprint of the prepared dataset as loaded (manifest.json; None for one written without it)."""
+    return session.ds.manifest.get("fingerprint")
 
 
 def attach_run(session: Session, run: RunDir) -> None:
@@ -442,7 +449,8 @@ def finish(s: Session, state: TrainState) -> dict:
     records = s.run.read_records()
     summary = {"valid": state.best_valid, "test": test, "best_epoch": state.best_epoch, "epochs": state.epoch,
                "seconds_per_epoch": float(np.mean([r["seconds"] for r in records])) if records else 0.0,
-               "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset), "mode": s.mode.mode,
+               "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset),
+               "dataset_fingerprint": fingerprint(s), "mode": s.mode.mode,
                "targets_per_second": float(np.mean([r["targets_per_second"] for r in records])) if records else 0.0,
                "skipped_batches": state.skipped_batches,
                "stop_reason": stop_reason(s, state)}
