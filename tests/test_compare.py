@@ -117,6 +117,11 @@ def test_finished_runs_are_reused_and_config_changes_refused(fake_run):
     (out / "runs" / "pop-s1" / "metrics.json").unlink()  # an interrupted run without last.pt is retrained
     run()
     assert engine.calls[-1] == "pop-s1" and len(engine.calls) == 7
+    manifest = out.parent / "data" / "manifest.json"  # the dataset re-prepared: its runs are not reused
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "fingerprint": "f" * 64}))
+    with pytest.raises(InputError, match="fingerprint none, but .* now has fingerprint ffffffffffff"):
+        run()
+    assert len(engine.calls) == 7
     run(overwrite=True)
     assert len(engine.calls) == 13
 

@@ -1,5 +1,5 @@
 """A run is tied to the prepared data it was trained on: config.yaml records the manifest's fingerprint,
-and every command that opens the run (evaluate, recommend, serve, resume) refuses
+and every command that opens the run (evaluate, recommend, serve, resume, compare/sweep reuse) refuses
 a dataset directory re-prepared since, in one line naming both fingerprints and the fix."""
 
 from __future__ import annotations
@@ -124,3 +124,27 @@ def test_old_run_without_a_fingerprint_warns_once_and_resume_records_it(trained,
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # recorded now: no warning any more
         assert cli_main(["evaluate", str(run), "--quiet"]) == 0
+
+
+def test_sweep_and_compare_refuse_to_reuse_runs_of_the_old_data(tmp_path, capsys):
+    from m3bsr.compare import run_compare
+    from m3bsr.sweep import sweep
+
+    ds = tmp_path / "ds"
+    old = _prepare(tmp_path, ds)
+    grid = "train.lr=0.001"
+    sweep(ds, "pop", grid, tmp_path / "sw", quiet=True)
+    run_compare(ds, ["pop"], [0], out=tmp_path / "cmp", quiet=True, log=lambda m: None)
+    run_compare(ds, ["pop"], [0], out=tmp_path / "cmp", quiet=True, log=lambda m: None)  # reused: same data
+    new = _prepare(tmp_path, ds, "n_negatives=4", overwrite=True)
+    with pytest.raises(InputError) as e:
+        sweep(ds, "pop", grid, tmp_path / "sw", quiet=True)
+    assert f"fingerprint {old[:12]}" in str(e.value) and f"fingerprint {new[:12]}" in str(e.value)
+    assert "Pass --overwrite to retrain every grid point" in str(e.value)
+    with pytest.raises(InputError) as e:
+        run_compare(ds, ["pop"], [0], out=tmp_path / "cmp", quiet=True, log=lambda m: None)
+    assert f"fingerprint {old[:12]}" in str(e.value) and f"fingerprint {new[:12]}" in str(e.value)
+    assert "Pass --overwrite to retrain on the current data" in str(e.value)
+    run_compare(ds, ["pop"], [0], out=tmp_path / "cmp", quiet=True, log=lambda m: None, overwrite=True)
+    assert yaml.safe_load((tmp_path / "cmp" / "runs" / "pop-s0" / "config.yaml").read_text())[
+        "dataset_fingerprint"] == new

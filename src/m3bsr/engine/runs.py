@@ -12,7 +12,7 @@
 Every file reads without m3bsr (YAML, JSON, PNG, Parquet, ``torch.load(weights_only=True)``).
 
 A run is tied to the prepared data it was trained on: :meth:`RunDir.check_dataset` (called wherever a
-run is opened: evaluate, recommend, serve, resume) refuses a dataset directory
+run is opened: evaluate, recommend, serve, resume, compare/sweep reuse) refuses a dataset directory
 whose fingerprint changed since (re-prepared with ``--overwrite``). A run written before the fingerprint
 was recorded gets one warning and is used as it is.
 """
