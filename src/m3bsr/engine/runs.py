@@ -175,9 +175,9 @@ class RunDir:
             str(self.config),
             f"the run was trained on prepared data with fingerprint {short_fingerprint(recorded)}, but "
             f"{Path(dataset) / 'manifest.json'} now has fingerprint {short_fingerprint(current)} (re-prepared since?)",
-            fix or f"Re-train on the current data (m3bsr train --config {shlex.quote(str(self.config))} --out NEW_RUN_DIR), or set "
-                   f"dataset: in {self.config} to a directory prepared from the original sources and settings "
-                   f"(fingerprint {short_fingerprint(recorded)})")
+            fix or f"Re-train on the current data (m3bsr train --config {shlex.quote(str(self.config))} --out "
+                   f"NEW_RUN_DIR), or set dataset: in {self.config} to a directory prepared from the original "
+                   f"sources and settings (fingerprint {short_fingerprint(recorded)})")
 
     def read_config(self, overrides: list[str] = ()) -> tuple[Config, Path]:
         """The run's :class:`Config` (plus ``overrides``) and its dataset directory."""
