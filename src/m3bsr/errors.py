@@ -15,6 +15,12 @@ class InputError(Exception):
     """
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """``text``, or its first ``limit`` characters and ``... (N characters)``: what a message may repeat of
+    an input that can be arbitrarily long (an id sent to the HTTP service)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def input_error(where: str, problem: str, fix: str = "") -> InputError:
     """Return an :class:`InputError` whose message is ``'<where>: <problem>. <fix>'`` on one line."""
     msg = f"{where}: {problem}"
