@@ -138,6 +138,17 @@ def _edited_run(ctx: Ctx, which: str, edit: Callable[[dict], None], command: str
     return Setup(argv, [], [run])
 
 
+def _reprepared(ctx: Ctx) -> Setup:
+    """A pop run on a prepared dataset that was then re-prepared (--overwrite) with another setting."""
+    s = _prepare(ctx)
+    assert cli_main(s.argv) == 0
+    ds, run = ctx.tmp / "prepared", ctx.tmp / "run"
+    assert cli_main(["train", "--dataset", str(ds), "--model", "pop", "--out", str(run), "--quiet",
+                     "--device", "cpu"]) == 0
+    assert cli_main(s.argv + ["--set", "n_negatives=2", "--overwrite"]) == 0
+    return Setup(["evaluate", str(run), "--quiet"], [], [run, ds])
+
+
 def _not_an_image(ctx: Ctx) -> Setup:
     folder = ctx.tmp / "images"
     folder.mkdir()
@@ -230,6 +241,10 @@ CASES: dict[str, tuple[Callable[[Ctx], Setup], list[str]]] = {
     "evaluate_other_hidden_size": (lambda c: _edited_run(c, "sasrec", _set_model("sasrec", hidden_size=16)),
                                    ["sasrec-edited/best.pt: the weights do not fit model 'sasrec'",
                                     "model.hidden_size=8 (config.yaml: 16)", "re-train"]),
+    "evaluate_reprepared_dataset": (_reprepared,
+                                    ["run/config.yaml: the run was trained on prepared data with fingerprint ",
+                                     "prepared/manifest.json now has fingerprint ", "(re-prepared since?)",
+                                     "Re-train on the current data (m3bsr train --config "]),
     "resume_other_hidden_size": (lambda c: _edited_run(c, "sasrec", _set_model("sasrec", hidden_size=16), "train"),
                                  ["sasrec-edited/last.pt: the weights do not fit",
                                   "model.hidden_size=8 (config.yaml: 16)"]),

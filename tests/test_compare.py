@@ -38,7 +38,9 @@ class FakeEngine:
     def __call__(self, cfg, dataset, out, *, overwrite, quiet):
         self.calls.append(out.name)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()), **cfg.to_dict()}))
+        fingerprint = json.loads((dataset / "manifest.json").read_text()).get("fingerprint")
+        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()),
+                                                         "dataset_fingerprint": fingerprint, **cfg.to_dict()}))
         ranks = fake_ranks(cfg.model.name, cfg.seed)
         test = {"sampled": metrics_from_ranks(ranks, KS), "full": metrics_from_ranks(ranks + 3, KS)}
         summary = {"valid": test, "test": test, "best_epoch": 1, "epochs": 2, "seconds_per_epoch": 0.5,
@@ -115,6 +117,11 @@ def test_finished_runs_are_reused_and_config_changes_refused(fake_run):
     (out / "runs" / "pop-s1" / "metrics.json").unlink()  # an interrupted run without last.pt is retrained
     run()
     assert engine.calls[-1] == "pop-s1" and len(engine.calls) == 7
+    manifest = out.parent / "data" / "manifest.json"  # the dataset re-prepared: its runs are not reused
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "fingerprint": "f" * 64}))
+    with pytest.raises(InputError, match="fingerprint none, but .* now has fingerprint ffffffffffff"):
+        run()
+    assert len(engine.calls) == 7
     run(overwrite=True)
     assert len(engine.calls) == 13
 

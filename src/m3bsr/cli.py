@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="most requests scored in one forward pass (default 64)")
     p.add_argument("--max-wait-ms", type=float, help="wait for more requests after the first (default 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: half the CPUs, at most 4)")
+    p.add_argument("--max-body-kb", type=int, metavar="KB",
+                   help="request bodies above KB kibibytes are answered 413 (default 2048: 10,000 events fit)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the user encoder at start-up (about a minute on CPU; lower latency after)")
     _common(p)
@@ -189,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"m3bsr: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("m3bsr: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # an Interrupted says how to continue; a bare Ctrl-C says nothing more
+        print(f"m3bsr: interrupted: {e}" if str(e) else "m3bsr: interrupted", file=sys.stderr)
         return 130
 
 

@@ -3,7 +3,8 @@
 Layout of ``OUT`` (every file written atomically)::
 
     OUT/runs/<model>-s<seed>/   one engine run directory each (finished ones are reused, so an
-                                interrupted compare continues; an unfinished one resumes from last.pt)
+                                interrupted compare continues; an unfinished one resumes from last.pt;
+                                one trained before its dataset was re-prepared is refused)
     OUT/results.csv             one row per model x seed x split x protocol: model, mode, seed, split,
                                 protocol, HR@K/NDCG@K for each K, MRR, best_epoch, epochs, seconds_per_epoch
     OUT/results.md              what each model read of the dataset (its mode and any notice), mean ±
@@ -201,13 +202,18 @@ def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
             log: Callable[[str], None] = print) -> dict:
-    """Train one run, reuse it when finished with the same config, or resume it from last.pt."""
+    """Train one run, reuse it when finished with the same config, or resume it from last.pt.
+
+    A run trained on the same dataset directory before it was re-prepared is refused (fingerprints)."""
+    from m3bsr.engine.runs import RunDir, split_run_config
+
     if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        stored_dataset = stored.pop("dataset", None)
+        stored, stored_dataset = split_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
         if stored != cfg.to_dict() or stored_dataset != str(Path(dataset).resolve()):
             raise input_error(str(run_dir), "was trained with a different config or dataset",
                               "Pass --overwrite to retrain, or choose another --out")
+        RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain on the current data, "
+                                      "or choose another --out")
         metrics = run_dir / "metrics.json"
         if metrics.is_file() and (run_dir / "test_ranks.parquet").is_file():
             summary = json.loads(metrics.read_text())

@@ -1,7 +1,8 @@
 """``m3bsr sweep``: a grid search scored on validation only (test is never evaluated).
 
 Each grid point is a normal training run (``<out>/runs/<k>-<slug>``) with ``train.eval_test=false``;
-finished points are skipped, so an interrupted sweep continues where it stopped. The table
+finished points are skipped, so an interrupted sweep continues where it stopped (a finished point
+trained before its dataset was re-prepared is refused: another manifest fingerprint). The table
 (``sweep.csv``, ``sweep.md``) ranks points by the monitored validation metric, and
 ``--emit-best FILE`` writes the winning config as YAML, ready for ``m3bsr train --config FILE``.
 """
@@ -55,6 +56,7 @@ def _slug(overrides: list[str]) -> str:
 def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
           overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False) -> pd.DataFrame:
     """Train every grid point on ``dataset`` and rank them on validation. Returns the table."""
+    from m3bsr.engine.runs import RunDir
     from m3bsr.engine.train import train
 
     axes = parse_grid(grid)
@@ -66,6 +68,8 @@ def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | Non
         run_dir = out / "runs" / f"{k:03d}-{_slug(point)}"
         done = run_dir / "metrics.json"
         if done.is_file():
+            RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain every grid point on the "
+                                          "current data, or choose another --out")
             metrics = json.loads(done.read_text())
         else:
             if not quiet:
