@@ -199,6 +199,70 @@ def test_unset_single_behavior_key_keeps_earlier_caches_up_to_date():
     assert _fingerprint(load_prepare_config("ml100k_mm", overrides=["behaviors.auxiliary=[]",
                                                                     "behaviors.ignore=[click]"]), files) != \
         _fingerprint(load_prepare_config("ml100k_mm"), files)
+    # sample_users came later too: unset it leaves the pinned fingerprint alone, set it is part of it
+    assert _fingerprint(load_prepare_config("ml100k_mm", overrides=["sample_users=100"]), files) != \
+        _fingerprint(load_prepare_config("ml100k_mm"), files)
+
+
+def _users_events(ds: PreparedDataset) -> dict[str, list[tuple]]:
+    """Original user → [(original item, behavior name, timestamp), ...] in order."""
+    user = dict(zip(ds.users["user"], ds.users["original"]))
+    item = dict(zip(ds.items["item"], ds.items["original"]))
+    out: dict[str, list[tuple]] = {}
+    for u, i, b, t in zip(ds.events.user, ds.events.item, ds.events.behavior, ds.events.timestamp):
+        out.setdefault(user[u], []).append((item[i], ds.behavior_names[b], int(t)))
+    return out
+
+
+def test_sample_users_before_the_cut_deterministic(tmp_path):
+    # 40 users, each with >= 2 buys; even ones have 6 events, odd ones 4 (some timestamps tied)
+    rows = [(f"u{u}", f"i{(u * 7 + k) % 50}", "buy" if k % 2 else "view", 10 * u + k // 2)
+            for u in range(40) for k in range(6 if u % 2 == 0 else 4)]
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    src = _write(tmp_path, rows)
+    cfg = dict(min_user_events=1, keep_last=2, n_negatives=3)
+    prepare(src, _cfg(**cfg), tmp_path / "full", **QUIET)
+    every = _users_events(PreparedDataset.load(tmp_path / "full"))
+    assert len(every) == 40
+
+    def sampled(name, n, seed, source=src, **kw):
+        m = prepare(source, _cfg(**{**cfg, **kw}, sample_users=n, seed=seed), tmp_path / name, **QUIET)
+        return m, _users_events(PreparedDataset.load(tmp_path / name))
+
+    m, a = sampled("a", 12, 0)
+    f = m["statistics"]["filtering"]
+    assert len(a) == 12 and (m["config"]["sample_users"], m["config"]["seed"]) == (12, 0)
+    assert f["input_users"] == 40 and f["users_not_sampled"] == 28
+    assert f["events_not_sampled"] == sum(r[0] not in a for r in rows)
+    assert all(a[u] == every[u] for u in a)  # a sampled user's events: exactly as without sampling (cut included)
+    assert sampled("a2", 12, 0)[1] == a  # the same seed: the same users
+    (tmp_path / "shuffled").mkdir()
+    shuffled = _write(tmp_path / "shuffled", [rows[i] for i in np.random.default_rng(1).permutation(len(rows))])
+    assert set(sampled("a3", 12, 0, shuffled)[1]) == set(a)  # the draw does not depend on the row order
+    assert set(sampled("b", 12, 1)[1]) != set(a)  # another seed: other users
+    # the filters run after the draw: the same 12 users are drawn, then those with 4 events go
+    assert set(sampled("d", 12, 0, min_user_events=5)[1]) == {u for u in a if int(u[1:]) % 2 == 0} != set(a)
+    m, c = sampled("c", 100, 0)  # more than the log has: every user
+    assert c == every and m["statistics"]["filtering"]["users_not_sampled"] == 0
+    table = format_statistics(json.loads((tmp_path / "a" / "manifest.json").read_text()))
+    assert "12 of 40 raw users (seed 0), drawn before any filter or cut" in table
+
+
+def test_sample_users_and_seed_flags(tmp_path, capsys):
+    from m3bsr.cli import main
+
+    src = _write(tmp_path, _random_log(n_users=30))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("events: {path: events.csv}\nbehaviors: {target: buy, auxiliary: [view], ignore: [cart]}\n"
+                   "min_user_events: 1\nn_negatives: 3\n")
+    argv = ["prepare", str(src), "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(argv + ["--sample-users", "10", "--seed", "3"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (m["config"]["sample_users"], m["config"]["seed"]) == (10, 3)
+    assert m["statistics"]["users"] <= 10 and m["statistics"]["filtering"]["users_not_sampled"] == 20
+    assert main(argv + ["--sample-users", "10", "--seed", "3"]) == 0 and "up to date" in capsys.readouterr().out
+    assert main(argv + ["--sample-users", "0"]) == 2
+    assert "sample_users" in capsys.readouterr().err
 
 
 def test_item_table_and_features(tmp_path):

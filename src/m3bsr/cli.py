@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="a prepare config YAML (see docs/data.md)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one prepare key, e.g. --set min_user_events=10 or synthetic.users=500")
+    p.add_argument("--sample-users", type=int, metavar="N", help="keep N users drawn uniformly from the raw log, "
+                   "before any filter or cut (sets sample_users; default: every user)")
+    p.add_argument("--seed", type=int, metavar="S", help="sets seed, which draws the user sample and the candidates "
+                   "(default: the preset's, else 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --inspect)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing different output directory")
     p.add_argument("--inspect", metavar="DIR", type=Path, help="print the statistics table of a prepared DIR")

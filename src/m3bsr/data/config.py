@@ -129,7 +129,10 @@ class PrepareConfig(StrictModel):
     keep_last: int = Field(50, ge=0, description="most recent events kept per stream and user; 0 = all")
     min_target_events: int = Field(2, ge=2, description="drop users with fewer target events (valid + test)")
     n_negatives: int = Field(99, ge=1, description="sampled negatives per valid/test target")
-    seed: int = 0
+    seed: int = Field(0, description="draws the user sample and the candidates")
+    sample_users: int | None = Field(None, ge=1, description="keep this many users, drawn uniformly from the "
+                                     "raw log's users before any filter or cut (so at most this many remain); "
+                                     "null = every user")
     synthetic: SyntheticConfig | None = None
 
     @model_validator(mode="before")

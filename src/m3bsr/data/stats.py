@@ -41,6 +41,18 @@ def compute_statistics(events: pd.DataFrame, behavior_names: list[str], n_users:
     }
 
 
+def _sample_row(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+    """``sample: 500 of 1,234 raw users (seed 0), before any filter or cut``; nothing when not sampled."""
+    config = manifest.get("config", {})
+    if config.get("sample_users") is None:
+        return []
+    f = manifest["statistics"].get("filtering", {})
+    raw = f.get("input_users")
+    of = f" of {raw:,} raw users" if isinstance(raw, int) else " users"
+    return [("sample", f"{min(config['sample_users'], raw or config['sample_users']):,}{of} (seed "
+             f"{config.get('seed', 0)}), drawn before any filter or cut")]
+
+
 def format_statistics(manifest: dict[str, Any]) -> str:
     """A plain-text table of ``manifest["statistics"]`` (like the paper's Table 1)."""
     s = manifest["statistics"]
@@ -49,6 +61,7 @@ def format_statistics(manifest: dict[str, Any]) -> str:
             ("cut", str(manifest.get("config", {}).get("cut", "")) or "-"),
             ("behaviors", f"target={b['target']}  auxiliary="
              f"{'+'.join(b['auxiliary']) or 'none (single-behavior dataset)'}"),
+            *_sample_row(manifest),
             ("users", f"{s['users']:,}"), ("items", f"{s['items']:,}"), ("events", f"{s['events']:,}")]
     for name, n in s["events_per_behavior"].items():
         rows.append((f"  {name}", f"{n:,}"))
