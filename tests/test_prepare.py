@@ -67,6 +67,40 @@ def test_hand_computed_small_log(tmp_path):
     assert ds.valid.candidates.tolist() == [[item["x"], item["q"]], [item["q"], item["z"]]]
 
 
+def test_tied_timestamps_reported_with_their_order(tmp_path, capsys):
+    from m3bsr.cli import main
+
+    rows = [
+        ("a", "x", "view", 10), ("a", "z", "view", 20), ("a", "y", "buy", 20), ("a", "x", "buy", 30),
+        ("a", "z", "buy", 30),                                   # a: 4 tied events; valid x, test z both at 30
+        ("d", "q", "buy", 5), ("d", "x", "view", 6), ("d", "y", "buy", 7), ("d", "x", "view", 8),
+        ("d", "w", "view", 9),                                   # d: no tie (t=5 also in e: another user)
+        ("e", "q", "buy", 1), ("e", "y", "buy", 2), ("e", "x", "buy", 2), ("e", "z", "view", 5),
+    ]                                                            # e: y, x tied at 2; x is the later row
+    logged = []
+    m = prepare(_write(tmp_path, rows), _cfg(n_negatives=1), tmp_path / "out", log=logged.append)
+    ties = m["statistics"]["ties"]
+    assert (ties["tied_events"], ties["users_valid_test_tied"]) == (6, 2)  # of 14 events, of 3 users
+    assert ties["tied_events_share"] == pytest.approx(6 / 14) and ties["users_valid_test_tied_share"] == 2 / 3
+    ds = PreparedDataset.load(tmp_path / "out")
+    item = dict(zip(ds.items["item"], ds.items["original"]))
+    # the order the report states: of tied events the later input row counts as later (e: x is test)
+    assert [item[i] for i in ds.test.item] == ["z", "y", "x"] and [item[i] for i in ds.valid.item] == ["x", "q", "y"]
+    assert any("warning: 66.7% of users have their valid and test targets at the same timestamp" in x
+               for x in logged)
+    assert main(["prepare", "--inspect", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "6 of 14 (42.9%) share a timestamp with another event of their user" in table
+    assert "2 of 3 users (66.7%) have valid and test targets at one timestamp" in table
+    assert "tie order" in table and "the later row counts as later" in table
+    # a directory prepared before ties were recorded: --inspect computes them from events.parquet
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest["statistics"]["ties"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["prepare", "--inspect", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == table
+
+
 def test_too_few_unseen_items_is_an_error(tmp_path):
     rows = [("a", "x", "view", 1), ("a", "y", "buy", 2), ("a", "z", "buy", 3),
             ("b", "q", "buy", 1), ("b", "r", "buy", 2), ("b", "s", "view", 3)]

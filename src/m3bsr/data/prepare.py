@@ -7,7 +7,8 @@ Pipeline (the paper's protocol, see docs/data.md):
 2. keep the target and auxiliary behaviors (auxiliaries merge into one stream; none = a
    single-behavior dataset, whose auxiliary stream is empty);
 3. drop users with fewer than ``min_user_events`` kept events;
-4. per user and stream keep the ``keep_last`` most recent events (order: timestamp, then input order);
+4. per user and stream keep the ``keep_last`` most recent events (order: timestamp, then input order,
+   so of two events with one timestamp the later row of the input counts as later);
 5. drop users with fewer than ``min_target_events`` target events (each needs a valid and a test target);
 6. dense ids 1..U / 1..I over what is kept (0 = padding); ``order`` = per-user rank, 0-based;
 7. leave-one-out on the target stream: last → test, second-to-last → valid;
@@ -31,7 +32,7 @@ from m3bsr.atomic import atomic_dir
 from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config
 from m3bsr.data.features import align_features, features_from_array
 from m3bsr.data.readers import build_item_table, read_events
-from m3bsr.data.stats import compute_statistics, format_statistics
+from m3bsr.data.stats import compute_statistics, format_statistics, tie_statistics
 from m3bsr.errors import input_error
 
 PREPARE_VERSION = 1
@@ -320,6 +321,10 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
         features[m], masks[m], feature_info[m] = align_features(files[f"features.{m}"], item_orig)
     users = pd.DataFrame({"user": np.arange(1, n_users + 1, dtype=np.int32), "original": user_orig.astype(str)})
     statistics = compute_statistics(kept, names, n_users, n_items, counts)
+    ties = statistics["ties"]
+    if ties["users_valid_test_tied_share"] >= 0.01:
+        log(f"prepare: warning: {ties['users_valid_test_tied_share']:.1%} of users have their valid and test targets "
+            "at the same timestamp; the input row order decides which is which (docs/data.md §5)")
     manifest = {
         "source": {"name": cfg.name, "path": str(source) if events_path is None else str(Path(source).resolve()),
                    "files": hashes},
@@ -337,11 +342,17 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
 
 
 def inspect(path: str | Path) -> str:
-    """The statistics table of a prepared directory."""
+    """The statistics table of a prepared directory (the tie statistics of a directory prepared before
+    they were recorded are computed from its events.parquet)."""
     p = Path(path) / "manifest.json"
     if not p.is_file():
         raise input_error(str(path), "not a prepared dataset (no manifest.json)", "Run `m3bsr prepare` first")
-    return format_statistics(json.loads(p.read_text()))
+    manifest = json.loads(p.read_text())
+    stats = manifest.get("statistics", {})
+    if "ties" not in stats and (Path(path) / "events.parquet").is_file():
+        events = pd.read_parquet(Path(path) / "events.parquet", columns=["user", "timestamp", "stream", "order"])
+        stats["ties"] = tie_statistics(events)
+    return format_statistics(manifest)
 
 
 def main(args) -> int:
