@@ -519,3 +519,21 @@ def test_single_behavior_split_equals_multi_behavior_without_auxiliary(tmp_path)
     user = dict(zip(a.users["user"], a.users["original"]))
     for k, u in enumerate(a.test.user):
         assert not set(item[a.test.candidates[k, 1:]]) & clicked.get(user[u], set())
+
+
+def test_list_and_show_presets(tmp_path, capsys):
+    from m3bsr.cli import main
+    from m3bsr.data.config import PRESET_DIR, preset_names
+
+    assert main(["prepare", "--list-presets"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[1:1 + len(preset_names())]] == preset_names()
+    assert any(line.split()[:4] == ["tmall", "buy", "<-", "fav+cart"] for line in listed)
+    assert main(["prepare", "--show-preset", "tmall"]) == 0
+    shown = capsys.readouterr().out
+    assert shown == (PRESET_DIR / "tmall.yaml").read_text()
+    (tmp_path / "t.yaml").write_text(shown)  # the printed preset is a --config template
+    assert load_prepare_config(None, tmp_path / "t.yaml") == load_prepare_config("tmall")
+    assert main(["prepare", "--show-preset", "tmal"]) == 2
+    assert capsys.readouterr().err.strip() == "m3bsr: error: --show-preset tmal: unknown preset. Did you mean tmall?"
+

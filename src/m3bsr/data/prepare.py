@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from m3bsr.atomic import atomic_dir
-from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config
+from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config, preset_path, preset_summaries
 from m3bsr.data.features import align_features, features_from_array
 from m3bsr.data.readers import build_item_table, read_events
 from m3bsr.data.stats import compute_statistics, format_statistics, tie_statistics
@@ -357,9 +357,16 @@ def inspect(path: str | Path) -> str:
 
 def main(args) -> int:
     """The ``prepare`` subcommand (flags: source, preset, config, sets, sample_users, seed, out, overwrite,
-    inspect, quiet)."""
+    inspect, list_presets, show_preset, quiet)."""
     if args.inspect is not None:
         print(inspect(args.inspect))
+        return 0
+    if args.list_presets:
+        print("\n".join(preset_summaries()))
+        print("\nm3bsr prepare --show-preset NAME prints one (a --config template); docs/data.md §7 describes them")
+        return 0
+    if args.show_preset is not None:
+        print(preset_path(args.show_preset, "--show-preset").read_text(), end="")
         return 0
     if not args.source:
         raise input_error("prepare", "no SOURCE given", "Write `m3bsr prepare SOURCE --preset NAME --out DIR` "
