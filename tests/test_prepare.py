@@ -537,3 +537,34 @@ def test_list_and_show_presets(tmp_path, capsys):
     assert main(["prepare", "--show-preset", "tmal"]) == 2
     assert capsys.readouterr().err.strip() == "m3bsr: error: --show-preset tmal: unknown preset. Did you mean tmall?"
 
+
+def test_docs_list_every_prepare_key_with_its_default():
+    """docs/data.md "Every key": one row per prepare key, with the default the code has."""
+    import re
+
+    from m3bsr.config import _known_keys
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    section = doc[doc.index("### Every key"):doc.index("## 1. The event log")]
+    rows = {}
+    for line in section.splitlines()[4:]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+            rows[cells[0].strip("`")] = cells[1].strip("`")
+
+    def default(key):
+        cls = PrepareConfig
+        *sections, leaf = key.split(".")
+        for part in sections:
+            cls = cls.model_fields[part].annotation
+        field = cls.model_fields[leaf]
+        if field.is_required():
+            return "required"
+        value = field.get_default(call_default_factory=True)
+        if value is None or isinstance(value, (bool, list, dict)):
+            return json.dumps(value)  # null, true/false, [], {}
+        return str(value) if value != "" else '""'
+
+    keys = _known_keys(PrepareConfig)
+    assert sorted(rows) == sorted(keys)
+    assert {k: rows[k] for k in keys} == {k: default(k) for k in keys}
