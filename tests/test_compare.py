@@ -57,8 +57,9 @@ def fake_run(tmp_path):
     engine = FakeEngine()
 
     def run(**kw):
-        kw = {"models": ["sasrec", "m3bsr", "pop"], "seeds": [0, 1], "out": tmp_path / "cmp", **kw}
-        return compare.run_compare(data, train_fn=engine, log=lambda m: None, **kw)
+        kw = {"models": ["sasrec", "m3bsr", "pop"], "seeds": [0, 1], "out": tmp_path / "cmp", "train_fn": engine,
+              "log": lambda m: None, **kw}
+        return compare.run_compare(data, **kw)
     return run, engine, tmp_path / "cmp"
 
 
@@ -193,6 +194,11 @@ def test_compare_end_to_end_with_engine(tmp_path, capsys):
             "--set", "train.max_epochs=2", "--set", "train.device=cpu", "--set", "model.hidden_size=16",
             "--set", "data.max_len=8", "--quiet"]
     assert cli_main(args) == 0
+    printed = capsys.readouterr().out.splitlines()  # --quiet: no bars, but the progress lines
+    assert [line.split(" · ")[0] for line in printed if line.startswith("compare: [")] == [
+        "compare: [1/3] sasrec seed 0", "compare: [2/3] gru4rec seed 0", "compare: [3/3] pop seed 0"]
+    assert "ETA" in printed[[i for i, line in enumerate(printed) if "[3/3]" in line][0]]
+    assert any(line.startswith("compare: 3 runs done in ") for line in printed)
     csv = pd.read_csv(out / "results.csv")
     test_full = csv[(csv.split == "test") & (csv.protocol == "full")]
     assert sorted(test_full.model) == ["gru4rec", "pop", "sasrec"]  # one row per model
@@ -238,3 +244,34 @@ def test_single_behavior_modes_and_refusals(tmp_path):
                             log=lambda m: None)
     assert engine.calls == ["sasrec-s0", "m3bsr-s0", "pop-s0"]  # nothing ran for the refused compare
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_progress_lines_and_eta(fake_run):
+    """`[k/N] model seed s` before every run; the ETA is the mean of the runs trained so far x the runs left."""
+    run, engine, out = fake_run
+    now, took = [0.0], {"sasrec": 10.0, "m3bsr": 30.0, "pop": 2.0}
+
+    def timed(cfg, dataset, out, **kw):
+        now[0] += took[cfg.model.name]
+        return engine(cfg, dataset, out, **kw)
+
+    lines = []
+    run(train_fn=timed, progress=lines.append, clock=lambda: now[0])
+    assert lines == ["[1/6] sasrec seed 0",
+                     "[2/6] m3bsr seed 0 · ETA 50s (10s per run)",    # 10 s x 5 left
+                     "[3/6] pop seed 0 · ETA 1m20s (20s per run)",    # (10 + 30) / 2 x 4
+                     "[4/6] sasrec seed 1 · ETA 42s (14s per run)",   # (10 + 30 + 2) / 3 x 3
+                     "[5/6] m3bsr seed 1 · ETA 26s (13s per run)",    # 52 / 4 x 2
+                     "[6/6] pop seed 1 · ETA 16s (16s per run)",      # 82 / 5 x 1
+                     "6 runs done in 1m24s (6 trained, 0 reused)"]
+    lines.clear()
+    run(train_fn=timed, progress=lines.append, clock=lambda: now[0])  # all reused: no time, no ETA
+    assert lines[0] == "[1/6] sasrec seed 0" and lines[-2] == "[6/6] pop seed 1"
+    assert lines[-1] == "6 runs done in 0s (0 trained, 6 reused)"
+    (out / "runs" / "m3bsr-s0" / "metrics.json").unlink()
+    lines.clear()
+    run(train_fn=timed, progress=lines.append, clock=lambda: now[0])  # one retrained: the ETA is its time
+    assert lines[2:4] == ["[3/6] pop seed 0 · ETA 2m00s (30s per run)",
+                          "[4/6] sasrec seed 1 · ETA 1m30s (30s per run)"]
+    assert lines[-1] == "6 runs done in 30s (1 trained, 5 reused)"
+    assert len(engine.calls) == 7

@@ -27,6 +27,9 @@ The reference is ``m3bsr`` when listed, else the first model.
 Modes: before any training, each model's ``data_mode`` (models/base.py) is read on the dataset; a
 model that cannot run on it (e.g. ``m3bsr@paper`` on a single-behavior dataset) stops the compare
 with one line naming the entry, so nothing is skipped silently, and the tables say what each ran on.
+
+Progress: before each run one plain line ``compare: [4/6] sasrec seed 1 · ETA 2m10s (40s per run)``
+(the ETA once a run has trained in this call), and a closing count, printed under ``--quiet`` too.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import copy
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -48,6 +52,7 @@ from m3bsr.engine.metrics import metric_names
 from m3bsr.errors import InputError, input_error
 from m3bsr.models.base import DataMode
 from m3bsr.models.registry import canonical_name, model_class, model_config_class, model_names
+from m3bsr.progress import RunProgress
 
 SPLITS = ("valid", "test")
 PROTOCOLS = ("sampled", "full")
@@ -230,8 +235,13 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
 def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path, raw: dict[str, Any] | None = None,
                 sets: list[str] = (), overwrite: bool = False, quiet: bool = False, source: str = "config",
                 train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
-                log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Every model x seed, then the report files; returns the results table (see :func:`results_table`)."""
+                log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
+                clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
+    """Every model x seed, then the report files; returns the results table (see :func:`results_table`).
+
+    Before each run ``progress`` (default: ``log``) gets ``[4/6] sasrec seed 1`` and, once a run has
+    trained, the ETA of the rest (:class:`~m3bsr.progress.RunProgress`, timed by ``clock``)."""
+    progress = log if progress is None else progress
     dataset, out = Path(dataset), Path(out)
     if not (dataset / "manifest.json").is_file():
         raise input_error(str(dataset), "not a prepared dataset (no manifest.json)",
@@ -242,11 +252,25 @@ def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path
         if mode.notice:
             log(f"{m}: notice: {mode.notice}")
     summaries = {}
+    where = RunProgress(len(seeds) * len(models), clock)
     for s in seeds:
         for m in models:
             run_dir = out / "runs" / f"{m}-s{s}"
+            progress(where.start(f"{m} seed {s}"))
+            trained = []  # set when the run trains or resumes (a reused run says nothing about the ETA)
+
+            def train_here(*a, **kw):
+                trained.append(True)
+                return train_fn(*a, **kw)
+
+            def resume_here(*a, **kw):
+                trained.append(True)
+                return resume_fn(*a, **kw)
+
             summaries[m, s] = run_one(configs[s][m], dataset, run_dir, overwrite=overwrite, quiet=quiet,
-                                      train_fn=train_fn, resume_fn=resume_fn, log=log)
+                                      train_fn=train_here, resume_fn=resume_here, log=log)
+            where.finish(bool(trained))
+    progress(where.summary())
     ks = configs[seeds[0]][models[0]].eval.ks
     table = results_table(summaries, ks, {m: mode.mode for m, mode in modes.items()})
     write_report(table, out, models, seeds, ks, modes)
@@ -414,9 +438,12 @@ def main(args: argparse.Namespace) -> int:
     """The ``compare`` command: flags → :func:`run_compare`; prints the test tables."""
     models, seeds = parse_models(args.models), parse_seeds(args.seeds)
     raw = read_raw_config(Path(args.config) if args.config else None)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"compare: {msg}", flush=True))
+    def say(msg: str) -> None:
+        print(f"compare: {msg}", flush=True)
+
+    log = (lambda msg: None) if args.quiet else say
     run_compare(args.dataset, models, seeds, out=args.out, raw=raw, sets=args.sets, overwrite=args.overwrite,
-                quiet=args.quiet, source=args.config or "config", log=log)
+                quiet=args.quiet, source=args.config or "config", log=log, progress=say)  # progress even if --quiet
     print(f"wrote {args.out / 'results.csv'}, results.md, results.png, significance.json")
     if not args.quiet:
         print((args.out / "results.md").read_text())

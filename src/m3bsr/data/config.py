@@ -129,7 +129,10 @@ class PrepareConfig(StrictModel):
     keep_last: int = Field(50, ge=0, description="most recent events kept per stream and user; 0 = all")
     min_target_events: int = Field(2, ge=2, description="drop users with fewer target events (valid + test)")
     n_negatives: int = Field(99, ge=1, description="sampled negatives per valid/test target")
-    seed: int = 0
+    seed: int = Field(0, description="draws the user sample and the candidates")
+    sample_users: int | None = Field(None, ge=1, description="keep this many users, drawn uniformly from the "
+                                     "raw log's users before any filter or cut (so at most this many remain); "
+                                     "null = every user")
     synthetic: SyntheticConfig | None = None
 
     @model_validator(mode="before")
@@ -159,6 +162,29 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def preset_path(name: str, flag: str = "--preset") -> Path:
+    """The YAML file of the built-in preset ``name``; an unknown name is a one-line error naming ``flag``."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f"Did you mean {close[0]}?" if close else f"Choose one of: {', '.join(preset_names())}"
+        raise input_error(f"{flag} {name}", "unknown preset", hint)
+    return path
+
+
+def preset_summaries() -> list[str]:
+    """One line per built-in preset: name, behaviors, and the first line of its file's header comment."""
+    lines = []
+    for name in preset_names():
+        text = preset_path(name).read_text()
+        raw = yaml.safe_load(text) or {}
+        b = raw.get("behaviors") or {}
+        about = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+        behaviors = f"{b.get('target')} <- {'+'.join(b.get('auxiliary') or []) or '(none)'}"
+        lines.append(f"{name:<14} {behaviors:<24} {about.split(' (')[0]}")
+    return [f"{'preset':<14} {'target <- auxiliary':<24} source", *lines]
+
+
 def _read_yaml(path: Path, where: str) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
@@ -178,12 +204,7 @@ def load_prepare_config(preset: str | None = None, config: str | Path | None = N
     raw: dict[str, Any] = {}
     source = []
     if preset is not None:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            close = difflib.get_close_matches(preset, preset_names(), n=1)
-            hint = f"Did you mean {close[0]}?" if close else f"Choose one of: {', '.join(preset_names())}"
-            raise input_error(f"--preset {preset}", "unknown preset", hint)
-        raw = _read_yaml(path, f"preset {preset}")
+        raw = _read_yaml(preset_path(preset), f"preset {preset}")
         source.append(f"preset {preset}")
     if config is not None:
         _deep_merge(raw, _read_yaml(Path(config), str(config)))
