@@ -138,6 +138,17 @@ def _edited_run(ctx: Ctx, which: str, edit: Callable[[dict], None], command: str
     return Setup(argv, [], [run])
 
 
+def _reprepared(ctx: Ctx) -> Setup:
+    """A pop run on a prepared dataset that was then re-prepared (--overwrite) with another setting."""
+    s = _prepare(ctx)
+    assert cli_main(s.argv) == 0
+    ds, run = ctx.tmp / "prepared", ctx.tmp / "run"
+    assert cli_main(["train", "--dataset", str(ds), "--model", "pop", "--out", str(run), "--quiet",
+                     "--device", "cpu"]) == 0
+    assert cli_main(s.argv + ["--set", "n_negatives=2", "--overwrite"]) == 0
+    return Setup(["evaluate", str(run), "--quiet"], [], [run, ds])
+
+
 def _not_an_image(ctx: Ctx) -> Setup:
     folder = ctx.tmp / "images"
     folder.mkdir()
@@ -145,6 +156,19 @@ def _not_an_image(ctx: Ctx) -> Setup:
     (folder / "8.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a PNG signature and nothing else
     out = ctx.tmp / "image.npy"
     return Setup(["features", "image", str(folder), "--out", str(out), "--quiet"], [out], [folder])
+
+
+def _paper_on_single_behavior(ctx: Ctx) -> Setup:
+    """m3bsr's paper preset on a dataset prepared from a user,item,timestamp log (no auxiliary stream)."""
+    src = ctx.tmp / "plays.csv"
+    src.write_text("user,item,timestamp\n" + "".join(f"{u},{(u * 7 + k * 3) % 30 + 1},{100 * u + k}\n"
+                                                     for u in range(1, 7) for k in range(8)))
+    ds = ctx.tmp / "plays"
+    assert cli_main(["prepare", str(src), "--set", "events.behavior=play", "--set", "n_negatives=3",
+                     "--out", str(ds), "--quiet"]) == 0
+    out = ctx.tmp / "run"
+    return Setup(["train", "--dataset", str(ds), "--model", "m3bsr", "--set", "model.preset=paper", "--out", str(out),
+                  "--quiet", "--device", "cpu"], [out], [ds])
 
 
 def _set_model(name: str, **extra) -> Callable[[dict], None]:
@@ -171,6 +195,14 @@ CASES: dict[str, tuple[Callable[[Ctx], Setup], list[str]]] = {
                          ["events.csv row 2: unknown behavior 'purchase'", "behaviors.ignore"]),
     "target_absent": (lambda c: _prepare(c, HEADER + "1,2,view,5\n1,3,view,6\n"),
                       ["target behavior 'buy' does not occur (present: view)"]),
+    "no_behavior_column": (lambda c: _prepare(c, "user,item,timestamp\n1,2,5\n"),
+                           ["events.csv: missing column 'behavior'", "set events.behavior=NAME"]),
+    "behavior_key_and_column": (lambda c: _prepare(c, None, "events.behavior=buy"),
+                                ["events.csv: events.behavior='buy' says the log has no behavior column, but it "
+                                 "has one ('behavior')", "Drop events.behavior"]),
+    "paper_preset_single_behavior": (_paper_on_single_behavior,
+                                     ["model.preset=paper: the common expert attends from auxiliary to target "
+                                      "events", "plays has no auxiliary behavior", "Use the default preset"]),
     "all_users_filtered": (lambda c: _prepare(c, None, "min_user_events=1000"),
                            ["no user left after filtering", "min_user_events=1000", "Lower the thresholds"]),
     "features_nan": (lambda c: _features(c, "text.npy", [1, 2, 3], [[0, 1], [np.nan, 1], [1, 1]]),
@@ -209,6 +241,10 @@ CASES: dict[str, tuple[Callable[[Ctx], Setup], list[str]]] = {
     "evaluate_other_hidden_size": (lambda c: _edited_run(c, "sasrec", _set_model("sasrec", hidden_size=16)),
                                    ["sasrec-edited/best.pt: the weights do not fit model 'sasrec'",
                                     "model.hidden_size=8 (config.yaml: 16)", "re-train"]),
+    "evaluate_reprepared_dataset": (_reprepared,
+                                    ["run/config.yaml: the run was trained on prepared data with fingerprint ",
+                                     "prepared/manifest.json now has fingerprint ", "(re-prepared since?)",
+                                     "Re-train on the current data (m3bsr train --config "]),
     "resume_other_hidden_size": (lambda c: _edited_run(c, "sasrec", _set_model("sasrec", hidden_size=16), "train"),
                                  ["sasrec-edited/last.pt: the weights do not fit",
                                   "model.hidden_size=8 (config.yaml: 16)"]),

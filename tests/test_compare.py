@@ -38,7 +38,9 @@ class FakeEngine:
     def __call__(self, cfg, dataset, out, *, overwrite, quiet):
         self.calls.append(out.name)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()), **cfg.to_dict()}))
+        fingerprint = json.loads((dataset / "manifest.json").read_text()).get("fingerprint")
+        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()),
+                                                         "dataset_fingerprint": fingerprint, **cfg.to_dict()}))
         ranks = fake_ranks(cfg.model.name, cfg.seed)
         test = {"sampled": metrics_from_ranks(ranks, KS), "full": metrics_from_ranks(ranks + 3, KS)}
         summary = {"valid": test, "test": test, "best_epoch": 1, "epochs": 2, "seconds_per_epoch": 0.5,
@@ -55,8 +57,9 @@ def fake_run(tmp_path):
     engine = FakeEngine()
 
     def run(**kw):
-        kw = {"models": ["sasrec", "m3bsr", "pop"], "seeds": [0, 1], "out": tmp_path / "cmp", **kw}
-        return compare.run_compare(data, train_fn=engine, log=lambda m: None, **kw)
+        kw = {"models": ["sasrec", "m3bsr", "pop"], "seeds": [0, 1], "out": tmp_path / "cmp", "train_fn": engine,
+              "log": lambda m: None, **kw}
+        return compare.run_compare(data, **kw)
     return run, engine, tmp_path / "cmp"
 
 
@@ -65,8 +68,10 @@ def test_report_files_and_numbers(fake_run):
     table = run()
     assert len(engine.calls) == 6
     csv = pd.read_csv(out / "results.csv")
-    assert list(csv.columns) == ["model", "seed", "split", "protocol", *metric_names(KS), "best_epoch", "epochs",
-                                 "seconds_per_epoch"]
+    assert list(csv.columns) == ["model", "mode", "seed", "split", "protocol", *metric_names(KS), "best_epoch",
+                                 "epochs", "seconds_per_epoch"]
+    assert csv.groupby("model")["mode"].first().to_dict() == {
+        "sasrec": "merged: auxiliary + target", "m3bsr": "multi-behavior: merged backbone", "pop": "target only"}
     assert len(csv) == 3 * 2 * 2 * 2  # models x seeds x splits x protocols
     assert csv.groupby(["model", "split", "protocol"]).size().eq(2).all()
     # Mean ± std of a cell, computed by hand from the ranks.
@@ -113,6 +118,11 @@ def test_finished_runs_are_reused_and_config_changes_refused(fake_run):
     (out / "runs" / "pop-s1" / "metrics.json").unlink()  # an interrupted run without last.pt is retrained
     run()
     assert engine.calls[-1] == "pop-s1" and len(engine.calls) == 7
+    manifest = out.parent / "data" / "manifest.json"  # the dataset re-prepared: its runs are not reused
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "fingerprint": "f" * 64}))
+    with pytest.raises(InputError, match="fingerprint none, but .* now has fingerprint ffffffffffff"):
+        run()
+    assert len(engine.calls) == 7
     run(overwrite=True)
     assert len(engine.calls) == 13
 
@@ -184,6 +194,11 @@ def test_compare_end_to_end_with_engine(tmp_path, capsys):
             "--set", "train.max_epochs=2", "--set", "train.device=cpu", "--set", "model.hidden_size=16",
             "--set", "data.max_len=8", "--quiet"]
     assert cli_main(args) == 0
+    printed = capsys.readouterr().out.splitlines()  # --quiet: no bars, but the progress lines
+    assert [line.split(" · ")[0] for line in printed if line.startswith("compare: [")] == [
+        "compare: [1/3] sasrec seed 0", "compare: [2/3] gru4rec seed 0", "compare: [3/3] pop seed 0"]
+    assert "ETA" in printed[[i for i, line in enumerate(printed) if "[3/3]" in line][0]]
+    assert any(line.startswith("compare: 3 runs done in ") for line in printed)
     csv = pd.read_csv(out / "results.csv")
     test_full = csv[(csv.split == "test") & (csv.protocol == "full")]
     assert sorted(test_full.model) == ["gru4rec", "pop", "sasrec"]  # one row per model
@@ -198,3 +213,65 @@ def test_compare_end_to_end_with_engine(tmp_path, capsys):
     assert sig[0]["reference"] == "sasrec" and sig[0]["users"] == 24
     assert cli_main(args + ["--set", "train.lr=0.5"]) == 2  # same --out, different config: one-line error
     assert "different config" in capsys.readouterr().err
+
+
+def single_behavior_dataset(root):
+    """The tiny dataset with its clicks dropped, prepared from a user,item,timestamp file."""
+    from m3bsr.data.prepared import PreparedDataset
+
+    ds = PreparedDataset.load(make_tiny_prepared(root / "multi", n_users=12))
+    ev = ds.events[ds.events.stream == 1]
+    (root / "plays.csv").write_text("user,item,timestamp\n" + "".join(
+        f"u{u},i{i},{t}\n" for u, i, t in zip(ev.user, ev.item, ev.timestamp)))
+    assert cli_main(["prepare", str(root / "plays.csv"), "--set", "events.behavior=play", "--set", "n_negatives=10",
+                     "--out", str(root / "plays"), "--quiet"]) == 0
+    return root / "plays"
+
+
+def test_single_behavior_modes_and_refusals(tmp_path):
+    """The report says what each model read; a model that cannot run stops compare before any run."""
+    data, engine, out, logged = single_behavior_dataset(tmp_path), FakeEngine(), tmp_path / "cmp", []
+    compare.run_compare(data, ["sasrec", "m3bsr", "pop"], [0], out=out, train_fn=engine, log=logged.append)
+    csv = pd.read_csv(out / "results.csv")
+    assert set(csv["mode"]) == {"target (single-behavior data)"}
+    md = (out / "results.md").read_text()
+    assert "## What each model read" in md and "| sasrec | target (single-behavior data) |  |" in md
+    assert "| m3bsr | target (single-behavior data) | m3bsr: " in md
+    assert [line for line in logged if "notice" in line] == [next(x for x in logged if x.startswith("m3bsr: notice"))]
+    with pytest.raises(InputError, match=r"--models entry 'm3bsr@paper': model.preset=paper: .*no auxiliary "
+                                         r"behavior.*drop the entry from --models"):
+        compare.run_compare(data, ["sasrec", "m3bsr@paper"], [0], out=tmp_path / "cmp2", train_fn=engine,
+                            log=lambda m: None)
+    assert engine.calls == ["sasrec-s0", "m3bsr-s0", "pop-s0"]  # nothing ran for the refused compare
+    assert not (tmp_path / "cmp2").exists()
+
+
+def test_progress_lines_and_eta(fake_run):
+    """`[k/N] model seed s` before every run; the ETA is the mean of the runs trained so far x the runs left."""
+    run, engine, out = fake_run
+    now, took = [0.0], {"sasrec": 10.0, "m3bsr": 30.0, "pop": 2.0}
+
+    def timed(cfg, dataset, out, **kw):
+        now[0] += took[cfg.model.name]
+        return engine(cfg, dataset, out, **kw)
+
+    lines = []
+    run(train_fn=timed, progress=lines.append, clock=lambda: now[0])
+    assert lines == ["[1/6] sasrec seed 0",
+                     "[2/6] m3bsr seed 0 · ETA 50s (10s per run)",    # 10 s x 5 left
+                     "[3/6] pop seed 0 · ETA 1m20s (20s per run)",    # (10 + 30) / 2 x 4
+                     "[4/6] sasrec seed 1 · ETA 42s (14s per run)",   # (10 + 30 + 2) / 3 x 3
+                     "[5/6] m3bsr seed 1 · ETA 26s (13s per run)",    # 52 / 4 x 2
+                     "[6/6] pop seed 1 · ETA 16s (16s per run)",      # 82 / 5 x 1
+                     "6 runs done in 1m24s (6 trained, 0 reused)"]
+    lines.clear()
+    run(train_fn=timed, progress=lines.append, clock=lambda: now[0])  # all reused: no time, no ETA
+    assert lines[0] == "[1/6] sasrec seed 0" and lines[-2] == "[6/6] pop seed 1"
+    assert lines[-1] == "6 runs done in 0s (0 trained, 6 reused)"
+    (out / "runs" / "m3bsr-s0" / "metrics.json").unlink()
+    lines.clear()
+    run(train_fn=timed, progress=lines.append, clock=lambda: now[0])  # one retrained: the ETA is its time
+    assert lines[2:4] == ["[3/6] pop seed 0 · ETA 2m00s (30s per run)",
+                          "[4/6] sasrec seed 1 · ETA 1m30s (30s per run)"]
+    assert lines[-1] == "6 runs done in 30s (1 trained, 5 reused)"
+    assert len(engine.calls) == 7

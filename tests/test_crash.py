@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import stat
@@ -93,6 +94,85 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert [r["epoch"] for r in _records(crashed)] == [1, 2]
     assert [r["loss"] for r in _records(crashed)] == [r["loss"] for r in _records(ref)]
     _assert_same_weights(crashed, ref)
+
+
+# --------------------------------------------------------------------------- Ctrl-C, then the suggested command
+
+
+@pytest.fixture
+def ctrl_c_on_step(monkeypatch):
+    """``arm(n)``: the n-th training step from now raises KeyboardInterrupt (as Ctrl-C would)."""
+    from m3bsr.engine import train as engine
+
+    real, calls, at = engine.train_step, [0], [0]
+
+    def step(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == at[0]:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "train_step", step)
+
+    def arm(n: int) -> None:
+        calls[0], at[0] = 0, n
+    return arm
+
+
+def _suggested(err: str) -> list[str]:
+    """The argv of the command the interruption message tells the user to run (after ``with: ``)."""
+    line = [ln for ln in err.splitlines() if ln.strip()][-1]
+    words = shlex.split(line.split(" with: ", 1)[1])
+    assert words[:3] == ["m3bsr", "train", "--resume"], line
+    return words[1:]
+
+
+@pytest.mark.parametrize("step, saved", [(2, []), (7, [1])])  # epoch 1 step 2; epoch 2 step 2 (5 steps/epoch)
+def test_ctrl_c_says_the_command_that_continues_and_it_matches_uninterrupted(tmp_path, capsys, ctrl_c_on_step,
+                                                                             step, saved):
+    ds = make_tiny_prepared(tmp_path / "ds")
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert cli_main(_train_argv(ds, ref, GUARD_SETS)) == 0
+    capsys.readouterr()
+    ctrl_c_on_step(step)
+    assert cli_main(_train_argv(ds, run, GUARD_SETS)) == 130
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"m3bsr: interrupted: {run}: training interrupted (Ctrl-C) "
+                                                   f"in epoch {1 + len(saved)}, "), err
+    if saved:
+        assert "after epoch 1 was saved. Continue it from epoch 1 with: m3bsr train --resume" in lines[0]
+        assert load_checkpoint(run / "last.pt")["epoch"] == 1
+    else:
+        assert "before any epoch was saved. Start it over with: m3bsr train --resume" in lines[0]
+        assert not (run / "last.pt").exists()
+    assert [r["epoch"] for r in _records(run)] == saved and not (run / "metrics.json").exists()
+    log = (run / "train.log").read_text()
+    assert f"interrupted (Ctrl-C) in epoch {1 + len(saved)}" in log and "m3bsr train --resume" in log
+    # Re-running the train command is refused, naming the same way out.
+    ctrl_c_on_step(0)
+    assert cli_main(_train_argv(ds, run, GUARD_SETS)) == 2
+    again = capsys.readouterr().err
+    assert "unfinished run (interrupted?)" in again and f"m3bsr train --resume {run}" in again
+    # The suggested command, exactly as printed, finishes the run as if it had never stopped.
+    assert cli_main(_suggested(err)) == 0
+    log = (run / "train.log").read_text()
+    assert ("resumed from last.pt at epoch 1" if saved else "starting over from epoch 1") in log
+    assert _comparable(run) == _comparable(ref)
+    assert [r["epoch"] for r in _records(run)] == [1, 2, 3]
+    assert [r["loss"] for r in _records(run)] == [r["loss"] for r in _records(ref)]
+    _assert_same_weights(run, ref)
+
+
+def test_resume_without_checkpoint_but_with_recorded_epochs_is_still_an_error(tmp_path, capsys):
+    """Starting over is only for a run with no recorded epoch: otherwise its epochs would vanish silently."""
+    ds = make_tiny_prepared(tmp_path / "ds", n_users=20, n_items=30)
+    run = tmp_path / "run"
+    assert cli_main(_train_argv(ds, run, ["train.max_epochs=1", "model.hidden_size=8", "model.n_layers=1"])) == 0
+    for p in run.glob("last*"):
+        p.unlink()
+    assert cli_main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "last.pt: no usable checkpoint" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- verified checkpoints

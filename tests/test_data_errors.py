@@ -212,3 +212,57 @@ def test_up_to_date_message(src, capsys):
     capsys.readouterr()
     assert cli_main(argv) == 0
     assert "up to date" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- single-behavior logs
+
+
+def _plays(src, header="user,item,timestamp", rows=None) -> str:
+    rows = rows or [f"{u},{(u * 5 + k) % 30 + 1},{100 * u + k}" for u in range(1, 7) for k in range(6)]
+    path = src / "plays.csv"
+    path.write_text(header + "\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+def _prepare_plays(src, capsys, *sets):
+    out = src.parent / "plays_out"
+    argv = ["prepare", _plays(src), "--out", str(out), "--quiet"]
+    for s in sets:
+        argv += ["--set", s]
+    rc = cli_main(argv)
+    return rc, capsys.readouterr(), out
+
+
+def test_single_behavior_log_needs_only_set(src, capsys):
+    rc, cap, out = _prepare_plays(src, capsys, "events.behavior=play", "n_negatives=3")
+    assert rc == 0, cap.err
+    assert "auxiliary=none (single-behavior dataset)" in cap.out
+    rc, cap, _ = _prepare_plays(src, capsys)
+    assert rc == 2 and "no --preset, --config or --set given" in cap.err and "events.behavior=NAME" in cap.err
+
+
+def test_single_behavior_log_without_the_key(src, capsys):
+    rc, cap, out = _prepare_plays(src, capsys, "behaviors.target=play", "n_negatives=3")
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and not out.exists()
+    assert "plays.csv: missing column 'behavior'" in lines[0] and "set events.behavior=NAME" in lines[0]
+
+
+def test_single_behavior_key_with_a_behavior_column(src, capsys):
+    msg = _expect_error(src, capsys, "events.behavior=buy", match="events.behavior='buy' says the log has no "
+                        "behavior column, but it has one ('behavior')")
+    assert "Drop events.behavior" in msg
+
+
+def test_single_behavior_key_conflicts_with_a_column_mapping(src, capsys):
+    _expect_error(src, capsys, "events.behavior=buy", "events.columns.behavior=kind",
+                  match="events.columns.behavior='kind' names one; set only one of them")
+
+
+def test_empty_auxiliary_list_keeps_the_target_only(src, capsys):
+    msg = _expect_error(src, capsys, "behaviors.auxiliary=[]", match="events.csv row 1: unknown behavior 'view'")
+    assert "behaviors.ignore" in msg
+    rc, err, out = _run(src, capsys, "behaviors.auxiliary=[]", "behaviors.ignore=[view]")
+    assert rc == 0, err
+    manifest = yaml.safe_load((out / "manifest.json").read_text())
+    assert manifest["behaviors"]["auxiliary"] == [] and manifest["statistics"]["streams"]["auxiliary"]["events"] == 0

@@ -144,6 +144,23 @@ def test_two_processes_match_one(tiny_prepared, tmp_path):
     print(f"2-process sasrec run: {ddp_seconds:.1f} s wall (incl. 2 interpreter starts)")
 
 
+def test_two_processes_sampled_loss_match_one(tiny_prepared, tmp_path):
+    """train.loss=sampled under DDP: every rank draws the same shared negatives (one seeded generator),
+    so 2 processes optimise the global batch's sampled loss as one process does: same losses and
+    metrics up to summation order. (Per-rank negatives would give other losses and weights.)"""
+    sets = {**SETS, "train.loss": "sampled", "train.loss_negatives": 16}
+    _torchrun(["--dataset", str(tiny_prepared), "--model", "sasrec", *_sets_args(sets),
+               "--out", str(tmp_path / "ddp")], tmp_path)
+    one = train(_cfg("sasrec", sets), tiny_prepared, tmp_path / "one", quiet=True)
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    _close(ddp["valid"], one["valid"], 1e-9)
+    rec = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    rec1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rec) == len(rec1) == 2
+    for a, b in zip(rec, rec1):
+        assert a["loss"]["total"] == pytest.approx(b["loss"]["total"], rel=1e-5)
+
+
 @pytest.mark.slow  # two more torchrun launches: ~45 s on the shared 2-core machine
 def test_two_processes_pop_and_resume(tiny_prepared, tmp_path):
     """Pop exact under 2 processes; a 1-process run resumed by 2 processes = an uninterrupted 1-process run."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -240,11 +241,10 @@ def test_chunking_bounds_the_scored_width(tiny_prepared):
 # --------------------------------------------------------------------------- end to end (M3BSR vs popularity)
 
 
-def _demo_beats_pop(tmp_path, prepare_sets, sets):
+def _demo_beats_pop(out, prepare_sets, sets):
     from m3bsr.engine.demo import run_demo
 
-    results = run_demo(tmp_path / "demo", overrides=["train.device=cpu", *sets], quiet=True,
-                       prepare_sets=prepare_sets)
+    results = run_demo(out, overrides=["train.device=cpu", *sets], quiet=True, prepare_sets=prepare_sets)
     m3, pop = results["m3bsr"], results["pop"]
     for split in ("valid", "test"):
         assert m3[split]["full"]["NDCG@10"] > pop[split]["full"]["NDCG@10"] + 0.03, split
@@ -252,18 +252,47 @@ def _demo_beats_pop(tmp_path, prepare_sets, sets):
     return results
 
 
-def test_m3bsr_beats_pop_on_small_synthetic(tmp_path, capsys):
-    """End to end through the demo path on a small synthetic dataset (keeps the file under a minute)."""
-    _demo_beats_pop(tmp_path, ["synthetic.users=120", "synthetic.items=150", "n_negatives=49"],
-                    ["train.max_epochs=3", "train.batch_size=64", "data.max_len=15"])
+def test_m3bsr_beats_pop_on_small_synthetic(tmp_path, capsys, monkeypatch):
+    """End to end through the demo path on a small synthetic dataset (keeps the file under a minute);
+    the output fits 100 columns and ends with next steps that run as printed."""
+    import shlex
+
+    from m3bsr import compare
+    from m3bsr.cli import build_parser
+    from m3bsr.cli import main as cli_main
+    from m3bsr.engine.demo import demo_config
+
+    monkeypatch.chdir(tmp_path)  # the demo's own relative --out, runs/demo
+    sets = ["train.max_epochs=3", "train.batch_size=64", "data.max_len=15"]
+    results = _demo_beats_pop(Path("runs/demo"), ["synthetic.users=120", "synthetic.items=150", "n_negatives=49"],
+                              sets)
     out = capsys.readouterr().out
-    assert "samp NDCG@10" in out and "full NDCG@10" in out and "m3bsr" in out and "pop" in out
+    out = out[out.index("test metrics ("):]  # the demo's own output: the table, then the next steps
+    assert max(len(line) for line in out.splitlines()) <= 100
+    rows = {tuple(line.split()[:2]): line.split()[2:] for line in out.splitlines() if line.split()[:1] in
+            (["m3bsr"], ["pop"])}
+    assert rows[("m3bsr", "sampled")][1] == f"{results['m3bsr']['test']['sampled']['NDCG@10']:.4f}"
+    full = [line.split() for line in out.splitlines() if line.split()[:1] == ["full"]]
+    assert [r[2] for r in full] == [f"{results[m]['test']['full']['NDCG@10']:.4f}" for m in ("m3bsr", "pop")]
+    steps = out[out.index("Next steps:"):].replace("\\\n", " ").splitlines()
+    cmds = {c[1]: c[2:] for c in (shlex.split(line) for line in steps if line.strip().startswith("m3bsr "))}
+    assert list(cmds) == ["recommend", "serve", "compare"]
+    assert cmds["recommend"] == ["runs/demo/m3bsr", "--user", "u1", "--k", "10", "--exclude-seen"]
+    assert cli_main(["recommend", *cmds["recommend"]]) == 0
+    recs = capsys.readouterr().out.splitlines()
+    assert recs[0] == "user,rank,item,score" and len(recs) == 11 and recs[1].startswith("u1,1,")
+    assert build_parser().parse_args(["serve", *cmds["serve"]]).run_dir == Path("runs/demo/m3bsr")
+    args = build_parser().parse_args(["compare", *cmds["compare"]])
+    assert (args.dataset, args.out) == (Path("runs/demo/data"), Path("runs/demo/compare"))
+    cfgs = compare.model_configs(compare.read_raw_config(Path(args.config)), compare.parse_models(args.models), 0, [])
+    assert cfgs["m3bsr"].to_dict() == demo_config("m3bsr", None, ["train.device=cpu", *sets]).to_dict()
+    assert cfgs["sasrec"].model.hidden_size == 32 and cfgs["sasrec"].train.max_epochs == 3
 
 
 @pytest.mark.slow
 def test_demo_m3bsr_beats_pop(tmp_path):
     """The demo as `make demo` runs it (synthetic preset, demo config)."""
-    _demo_beats_pop(tmp_path, [], [])
+    _demo_beats_pop(tmp_path / "demo", [], [])
 
 
 # --------------------------------------------------------------------------- length-sorted, trimmed batches

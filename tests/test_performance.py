@@ -152,3 +152,21 @@ def test_fast_dropout_rate_scale_and_gradient():
     module = FastDropout(0.5)
     assert isinstance(module, torch.nn.Dropout) and module.eval()(x) is x
     assert torch.all(fast_dropout(torch.ones(1000), 0.999999, True) == 0)
+
+
+def test_catalogue_projection_gives_the_same_item_vectors():
+    """Speed path: with more tokens than items the catalogue is projected once and gathered; the
+    vectors (and their gradients) match projecting every token."""
+    model = make_model()
+    assert model.input.item_content
+    items = torch.randint(0, model.n_items + 1, (8, 12))  # 96 tokens > 31 catalogue rows
+    assert items.numel() > model.n_items + 1
+    fast = model.item_vectors(items)
+    slow = model.input.item_vector(items)
+    torch.testing.assert_close(fast, slow, atol=1e-6, rtol=1e-5)
+    weight = torch.randn_like(fast)
+    g_fast = torch.autograd.grad((fast * weight).sum(), model.input.content_gate)[0]
+    g_slow = torch.autograd.grad((slow * weight).sum(), model.input.content_gate)[0]
+    torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
+    few = items[:1, :3]
+    assert torch.equal(model.item_vectors(few), model.input.item_vector(few))  # few tokens: per token

@@ -67,6 +67,40 @@ def test_hand_computed_small_log(tmp_path):
     assert ds.valid.candidates.tolist() == [[item["x"], item["q"]], [item["q"], item["z"]]]
 
 
+def test_tied_timestamps_reported_with_their_order(tmp_path, capsys):
+    from m3bsr.cli import main
+
+    rows = [
+        ("a", "x", "view", 10), ("a", "z", "view", 20), ("a", "y", "buy", 20), ("a", "x", "buy", 30),
+        ("a", "z", "buy", 30),                                   # a: 4 tied events; valid x, test z both at 30
+        ("d", "q", "buy", 5), ("d", "x", "view", 6), ("d", "y", "buy", 7), ("d", "x", "view", 8),
+        ("d", "w", "view", 9),                                   # d: no tie (t=5 also in e: another user)
+        ("e", "q", "buy", 1), ("e", "y", "buy", 2), ("e", "x", "buy", 2), ("e", "z", "view", 5),
+    ]                                                            # e: y, x tied at 2; x is the later row
+    logged = []
+    m = prepare(_write(tmp_path, rows), _cfg(n_negatives=1), tmp_path / "out", log=logged.append)
+    ties = m["statistics"]["ties"]
+    assert (ties["tied_events"], ties["users_valid_test_tied"]) == (6, 2)  # of 14 events, of 3 users
+    assert ties["tied_events_share"] == pytest.approx(6 / 14) and ties["users_valid_test_tied_share"] == 2 / 3
+    ds = PreparedDataset.load(tmp_path / "out")
+    item = dict(zip(ds.items["item"], ds.items["original"]))
+    # the order the report states: of tied events the later input row counts as later (e: x is test)
+    assert [item[i] for i in ds.test.item] == ["z", "y", "x"] and [item[i] for i in ds.valid.item] == ["x", "q", "y"]
+    assert any("warning: 66.7% of users have their valid and test targets at the same timestamp" in x
+               for x in logged)
+    assert main(["prepare", "--inspect", str(tmp_path / "out")]) == 0
+    table = capsys.readouterr().out
+    assert "6 of 14 (42.9%) share a timestamp with another event of their user" in table
+    assert "2 of 3 users (66.7%) have valid and test targets at one timestamp" in table
+    assert "tie order" in table and "the later row counts as later" in table
+    # a directory prepared before ties were recorded: --inspect computes them from events.parquet
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    del manifest["statistics"]["ties"]
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["prepare", "--inspect", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out == table
+
+
 def test_too_few_unseen_items_is_an_error(tmp_path):
     rows = [("a", "x", "view", 1), ("a", "y", "buy", 2), ("a", "z", "buy", 3),
             ("b", "q", "buy", 1), ("b", "r", "buy", 2), ("b", "s", "view", 3)]
@@ -186,6 +220,83 @@ def test_cache_up_to_date_and_config_change(tmp_path):
     (src / "events.csv").write_text((src / "events.csv").read_text() + "u0,i1,view,49\n")  # source changed
     with pytest.raises(InputError, match="exists"):
         prepare(src, _cfg(n_negatives=10), out, **QUIET)
+
+
+def test_unset_single_behavior_key_keeps_earlier_caches_up_to_date():
+    """events.behavior came later: left unset, a preset's fingerprint is the one computed before it
+    existed (pinned), so prepared directories of earlier runs stay up to date, not "another config"."""
+    from m3bsr.data.prepare import _fingerprint
+
+    files = [{"role": "events", "sha256": "0" * 64}]
+    assert _fingerprint(load_prepare_config("ml100k_mm"), files) == \
+        "887f15084634eaaa05b13799e790034f30b8395de244824b0da3be4068403c00"
+    assert _fingerprint(load_prepare_config("ml100k_mm", overrides=["behaviors.auxiliary=[]",
+                                                                    "behaviors.ignore=[click]"]), files) != \
+        _fingerprint(load_prepare_config("ml100k_mm"), files)
+    # sample_users came later too: unset it leaves the pinned fingerprint alone, set it is part of it
+    assert _fingerprint(load_prepare_config("ml100k_mm", overrides=["sample_users=100"]), files) != \
+        _fingerprint(load_prepare_config("ml100k_mm"), files)
+
+
+def _users_events(ds: PreparedDataset) -> dict[str, list[tuple]]:
+    """Original user → [(original item, behavior name, timestamp), ...] in order."""
+    user = dict(zip(ds.users["user"], ds.users["original"]))
+    item = dict(zip(ds.items["item"], ds.items["original"]))
+    out: dict[str, list[tuple]] = {}
+    for u, i, b, t in zip(ds.events.user, ds.events.item, ds.events.behavior, ds.events.timestamp):
+        out.setdefault(user[u], []).append((item[i], ds.behavior_names[b], int(t)))
+    return out
+
+
+def test_sample_users_before_the_cut_deterministic(tmp_path):
+    # 40 users, each with >= 2 buys; even ones have 6 events, odd ones 4 (some timestamps tied)
+    rows = [(f"u{u}", f"i{(u * 7 + k) % 50}", "buy" if k % 2 else "view", 10 * u + k // 2)
+            for u in range(40) for k in range(6 if u % 2 == 0 else 4)]
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    src = _write(tmp_path, rows)
+    cfg = dict(min_user_events=1, keep_last=2, n_negatives=3)
+    prepare(src, _cfg(**cfg), tmp_path / "full", **QUIET)
+    every = _users_events(PreparedDataset.load(tmp_path / "full"))
+    assert len(every) == 40
+
+    def sampled(name, n, seed, source=src, **kw):
+        m = prepare(source, _cfg(**{**cfg, **kw}, sample_users=n, seed=seed), tmp_path / name, **QUIET)
+        return m, _users_events(PreparedDataset.load(tmp_path / name))
+
+    m, a = sampled("a", 12, 0)
+    f = m["statistics"]["filtering"]
+    assert len(a) == 12 and (m["config"]["sample_users"], m["config"]["seed"]) == (12, 0)
+    assert f["input_users"] == 40 and f["users_not_sampled"] == 28
+    assert f["events_not_sampled"] == sum(r[0] not in a for r in rows)
+    assert all(a[u] == every[u] for u in a)  # a sampled user's events: exactly as without sampling (cut included)
+    assert sampled("a2", 12, 0)[1] == a  # the same seed: the same users
+    (tmp_path / "shuffled").mkdir()
+    shuffled = _write(tmp_path / "shuffled", [rows[i] for i in np.random.default_rng(1).permutation(len(rows))])
+    assert set(sampled("a3", 12, 0, shuffled)[1]) == set(a)  # the draw does not depend on the row order
+    assert set(sampled("b", 12, 1)[1]) != set(a)  # another seed: other users
+    # the filters run after the draw: the same 12 users are drawn, then those with 4 events go
+    assert set(sampled("d", 12, 0, min_user_events=5)[1]) == {u for u in a if int(u[1:]) % 2 == 0} != set(a)
+    m, c = sampled("c", 100, 0)  # more than the log has: every user
+    assert c == every and m["statistics"]["filtering"]["users_not_sampled"] == 0
+    table = format_statistics(json.loads((tmp_path / "a" / "manifest.json").read_text()))
+    assert "12 of 40 raw users (seed 0), drawn before any filter or cut" in table
+
+
+def test_sample_users_and_seed_flags(tmp_path, capsys):
+    from m3bsr.cli import main
+
+    src = _write(tmp_path, _random_log(n_users=30))
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("events: {path: events.csv}\nbehaviors: {target: buy, auxiliary: [view], ignore: [cart]}\n"
+                   "min_user_events: 1\nn_negatives: 3\n")
+    argv = ["prepare", str(src), "--config", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(argv + ["--sample-users", "10", "--seed", "3"]) == 0
+    m = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert (m["config"]["sample_users"], m["config"]["seed"]) == (10, 3)
+    assert m["statistics"]["users"] <= 10 and m["statistics"]["filtering"]["users_not_sampled"] == 20
+    assert main(argv + ["--sample-users", "10", "--seed", "3"]) == 0 and "up to date" in capsys.readouterr().out
+    assert main(argv + ["--sample-users", "0"]) == 2
+    assert "sample_users" in capsys.readouterr().err
 
 
 def test_item_table_and_features(tmp_path):
@@ -309,3 +420,151 @@ def test_shared_datasets_prepare(shared_data, tmp_path, folder, preset, sets):
     ds = PreparedDataset.load(tmp_path / folder)
     assert len(ds.test) == len(ds.valid) == ds.n_users > 0
     assert (ds.test.candidates[:, 0] == ds.test.item).all()
+
+
+# --------------------------------------------------------------------------- single-behavior logs
+
+
+def _write_plays(tmp_path, rows, name="plays.csv") -> Path:
+    """``rows`` of (user, item, timestamp) as a CSV with no behavior column."""
+    path = tmp_path / name
+    pd.DataFrame(rows, columns=["user", "item", "timestamp"]).to_csv(path, index=False)
+    return path
+
+
+def test_single_behavior_log_without_behavior_column(tmp_path):
+    rows = [("a", "x", 1), ("a", "y", 2), ("a", "z", 3), ("a", "x", 4),
+            ("b", "y", 1), ("b", "w", 2),                      # 2 events < min_user_events
+            ("c", "w", 5), ("c", "v", 6), ("c", "x", 7)]
+    cfg = load_prepare_config(None, None, ["events.behavior=play", "min_user_events=3", "n_negatives=1"])
+    assert cfg.behaviors.target == "play" and cfg.behaviors.auxiliary == []  # one key names the behavior
+    m = prepare(_write_plays(tmp_path, rows), cfg, tmp_path / "out", **QUIET)
+    ds = PreparedDataset.load(tmp_path / "out")
+    assert m["behaviors"] == {"names": ["play"], "target": "play", "auxiliary": []}
+    s = m["statistics"]
+    assert s["streams"]["auxiliary"]["events"] == 0 and s["streams"]["target"]["events"] == 7
+    assert s["events_per_behavior"] == {"play": 7} and s["filtering"]["users_dropped_min_user_events"] == 1
+    assert "auxiliary=none (single-behavior dataset)" in format_statistics(m)
+    assert (ds.events["stream"] == 1).all() and (ds.events["behavior"] == 0).all()
+    assert ds.users["original"].tolist() == ["a", "c"]
+    item = dict(zip(ds.items["original"], ds.items["item"]))
+    assert ds.test.item.tolist() == [item["x"], item["x"]] and ds.test.order.tolist() == [3, 2]
+    assert ds.valid.item.tolist() == [item["z"], item["v"]] and ds.valid.order.tolist() == [2, 1]
+    # a touched x, y, z: only v and w are unseen; c touched w, v, x: only y and z
+    assert {int(c) for c in ds.test.candidates[:, 1]} <= {item["v"], item["w"], item["y"], item["z"]}
+    assert ds.test.candidates[0, 1] in (item["v"], item["w"]) and ds.test.candidates[1, 1] in (item["y"], item["z"])
+    cat = ds.catalogue()
+    assert cat.behavior_names == ["play"] and cat.target_behavior == 1 and cat.single_behavior
+    w = WindowBuilder(ds, max_len=4)
+    train, test = w.train_windows(), w.eval_windows("test")
+    assert (train.aux_items == 0).all() and (test.aux_items == 0).all()  # the auxiliary stream is empty
+    assert train.n_targets == 7 - 4  # every target before the valid/test ones
+    assert test.tgt_items.shape == (2, 4) and test.candidates.shape == (2, 1, 2)
+
+
+def _multi_log(n_users=50, n_items=80, seed=1):
+    """A click/favor log in input order that is not time order, with ties."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(n_users):
+        n = int(rng.integers(2, 30))
+        t = np.sort(rng.integers(0, 40, n))
+        beh = rng.choice(["click", "favor"], size=n, p=[0.6, 0.4])
+        rows += [(f"u{u}", f"i{rng.integers(0, n_items)}", beh[k], int(t[k])) for k in range(n)]
+    return [rows[i] for i in rng.permutation(len(rows))]
+
+
+def _targets_by_original(ds: PreparedDataset) -> dict:
+    """Per original user: target-stream items (original ids) in order, and the valid / test items."""
+    user = dict(zip(ds.users["user"], ds.users["original"]))
+    item = np.concatenate([[""], ds.items["original"].to_numpy()])
+    tgt = ds.events[ds.events.stream == 1]
+    seq = {user[u]: item[g["item"].to_numpy()].tolist() for u, g in tgt.groupby("user")}
+    return {u: (seq[u], item[ds.valid.item[k]], item[ds.test.item[k]])
+            for k, u in enumerate(user[x] for x in ds.valid.user)}
+
+
+def test_single_behavior_split_equals_multi_behavior_without_auxiliary(tmp_path):
+    """The same favors give the same split whether the clicks are an auxiliary stream, ignored, or absent."""
+    rows = _multi_log()
+    log = pd.DataFrame(rows, columns=["user", "item", "behavior", "timestamp"])
+    src = tmp_path / "src"
+    src.mkdir()
+    log.to_csv(src / "events.csv", index=False)
+    favors = _write_plays(tmp_path, log.loc[log.behavior == "favor", ["user", "item", "timestamp"]].values.tolist())
+    base = {"name": "t", "events": {"path": "events.csv"}, "min_user_events": 2, "keep_last": 8,
+            "min_target_events": 2, "n_negatives": 10}
+    multi = PrepareConfig.model_validate({**base, "behaviors": {"target": "favor", "auxiliary": ["click"]}})
+    ignored = PrepareConfig.model_validate({**base, "behaviors": {"target": "favor", "ignore": ["click"]}})
+    single = PrepareConfig.model_validate({**base, "events": {"behavior": "favor"}})
+    for cfg, source, name in ((multi, src, "multi"), (ignored, src, "ignored"), (single, favors, "single")):
+        prepare(source, cfg, tmp_path / name, **QUIET)
+    ds = {n: PreparedDataset.load(tmp_path / n) for n in ("multi", "ignored", "single")}
+    assert (ds["multi"].events.stream == 0).any()
+    assert len(ds["single"].users) > 20
+    # the target sequences (after the per-stream cut) and the leave-one-out targets are the same
+    assert _targets_by_original(ds["single"]) == _targets_by_original(ds["multi"]) \
+        == _targets_by_original(ds["ignored"])
+    # dropping the clicks in the config or in the file gives the same prepared events and split...
+    a, b = ds["ignored"], ds["single"]
+    pd.testing.assert_frame_equal(a.events, b.events)
+    pd.testing.assert_frame_equal(a.items, b.items)
+    for split in ("valid", "test"):
+        x, y = getattr(a, split), getattr(b, split)
+        assert (x.user == y.user).all() and (x.item == y.item).all() and (x.order == y.order).all()
+        assert (x.candidates[:, 0] == y.candidates[:, 0]).all()
+    # ...but negatives exclude what the user touched in the whole input file: clicks too when present
+    clicked = log[log.behavior == "click"].groupby("user")["item"].apply(set).to_dict()
+    item = np.concatenate([[""], a.items["original"].to_numpy()])
+    user = dict(zip(a.users["user"], a.users["original"]))
+    for k, u in enumerate(a.test.user):
+        assert not set(item[a.test.candidates[k, 1:]]) & clicked.get(user[u], set())
+
+
+def test_list_and_show_presets(tmp_path, capsys):
+    from m3bsr.cli import main
+    from m3bsr.data.config import PRESET_DIR, preset_names
+
+    assert main(["prepare", "--list-presets"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[1:1 + len(preset_names())]] == preset_names()
+    assert any(line.split()[:4] == ["tmall", "buy", "<-", "fav+cart"] for line in listed)
+    assert main(["prepare", "--show-preset", "tmall"]) == 0
+    shown = capsys.readouterr().out
+    assert shown == (PRESET_DIR / "tmall.yaml").read_text()
+    (tmp_path / "t.yaml").write_text(shown)  # the printed preset is a --config template
+    assert load_prepare_config(None, tmp_path / "t.yaml") == load_prepare_config("tmall")
+    assert main(["prepare", "--show-preset", "tmal"]) == 2
+    assert capsys.readouterr().err.strip() == "m3bsr: error: --show-preset tmal: unknown preset. Did you mean tmall?"
+
+
+def test_docs_list_every_prepare_key_with_its_default():
+    """docs/data.md "Every key": one row per prepare key, with the default the code has."""
+    import re
+
+    from m3bsr.config import _known_keys
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    section = doc[doc.index("### Every key"):doc.index("## 1. The event log")]
+    rows = {}
+    for line in section.splitlines()[4:]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
+            rows[cells[0].strip("`")] = cells[1].strip("`")
+
+    def default(key):
+        cls = PrepareConfig
+        *sections, leaf = key.split(".")
+        for part in sections:
+            cls = cls.model_fields[part].annotation
+        field = cls.model_fields[leaf]
+        if field.is_required():
+            return "required"
+        value = field.get_default(call_default_factory=True)
+        if value is None or isinstance(value, (bool, list, dict)):
+            return json.dumps(value)  # null, true/false, [], {}
+        return str(value) if value != "" else '""'
+
+    keys = _known_keys(PrepareConfig)
+    assert sorted(rows) == sorted(keys)
+    assert {k: rows[k] for k in keys} == {k: default(k) for k in keys}

@@ -287,6 +287,90 @@ def test_app_malformed_json_is_422(client):
     assert r.status_code == 422
 
 
+# --------------------------------------------------------------------------- a hostile client
+
+
+def test_body_over_the_cap_is_413_without_being_read_or_echoed(sasrec, client):
+    """A 10 MB body (malformed or not) is answered 413 in a few hundred bytes, by its Content-Length or,
+    chunked, by the bytes received; the cap is configurable and /health reports it."""
+    assert client.get("/health").json()["max_body_bytes"] == 2 * 1024 * 1024  # the default
+    for body in (b"{" + b"x" * 10_000_000, json.dumps({"user_id": "x" * 10_000_000}).encode()):
+        r = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 413 and len(r.content) < 400
+        assert r.json()["detail"] == (f"request body of {len(body)} bytes is over the service's limit of 2097152 "
+                                      "bytes. Send at most 10000 history events (the most recent ones), or start "
+                                      "the service with a larger --max-body-kb")
+    small = {"user_id": "u3", "k": 2}
+    with TestClient(create_app(sasrec, max_body_bytes=len(json.dumps(small)) + 10)) as c:
+        assert c.get("/health").json()["max_body_bytes"] == len(json.dumps(small)) + 10
+        assert c.post("/recommend", json=small).status_code == 200  # within the cap: served as before
+        r = c.post("/recommend", json={**small, "exclude_seen": False})  # 25 bytes more: over it
+        assert r.status_code == 413 and "limit of 35 bytes" in r.json()["detail"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"user_id": "u3", '
+            yield b'"k": 2, "exclude_seen": false}'
+        r = c.post("/recommend", content=chunks(), headers={"content-type": "application/json"})
+        assert "content-length" not in {k.lower() for k in r.request.headers}
+        assert r.status_code == 413 and r.json()["detail"].startswith("request body is over the service's limit")
+
+
+def test_errors_echo_at_most_a_short_prefix_of_the_input(client):
+    """Under the cap, a 1 MB input still comes back as at most ECHO_CHARS characters of it, whether it is
+    the body, a value, a key, an unknown user or an unknown item."""
+    from m3bsr.serving.app import ECHO_CHARS
+
+    big = "x" * 1_000_000
+    for body, status in ((big, 422), ({"user_id": big}, 404), ({"user_id": "u1", big: 1}, 422),
+                         ({"history": [{"item": big, "behavior": "click", "timestamp": 1}]}, 422),
+                         ({"history": [{"item": "i1", "behavior": big, "timestamp": 1}]}, 422),
+                         ({"user_id": "u1", "k": [big[:400_000]] * 3}, 422)):
+        r = client.post("/recommend", json=body)
+        assert r.status_code == status and len(r.content) < 800, (status, len(r.content))
+        assert "x" * (ECHO_CHARS - 5) in r.text and "..." in r.text and "x" * (ECHO_CHARS + 1) not in r.text
+    r = client.post("/recommend", json=big)
+    assert r.json()["detail"][0]["input"] == "x" * ECHO_CHARS + "... (1000000 characters)"
+    # many bad events: the first MAX_ERRORS errors and a count of the rest, not thousands of entries
+    r = client.post("/recommend", json={"history": [{"item": 1.5, "behavior": 3, "timestamp": "t"}] * 1000})
+    detail = r.json()["detail"]
+    assert r.status_code == 422 and len(detail) == 11 and detail[-1]["type"] == "more_errors"
+    assert detail[-1]["msg"].endswith("more errors not listed; fix the ones above first")
+    # small inputs are still echoed whole, as JSON values
+    r = client.post("/recommend", json={"user_id": "u1", "k": [1, 2]})
+    assert r.json()["detail"][0]["input"] == [1, 2]
+
+
+def test_oversized_history_is_refused_by_its_length_before_its_events(sasrec):
+    """A history over MAX_HISTORY events is refused by its count alone: 20,001 non-events give ONE
+    `too_long` error, not 20,001 event errors (pydantic would validate every event first); with the cap
+    raised, the issue's 200,000-event history gets the same short answer."""
+    with TestClient(create_app(sasrec, max_body_bytes=64 << 20)) as c:
+        r = c.post("/recommend", json={"history": [0] * 20_001})
+        assert r.status_code == 422 and len(r.content) < 600
+        (error,) = r.json()["detail"]
+        assert error["type"] == "too_long" and error["loc"] == ["body", "history"]
+        assert error["msg"] == "history has 20001 events, more than 10000: send at most the 10000 most recent ones"
+        assert error["input"] == "[0, 0, 0, 0, 0, 0, 0, 0]... (20001 items)"
+        events = [{"item": "i3", "behavior": "click", "timestamp": t} for t in range(200_000)]
+        r = c.post("/recommend", json={"history": events})
+        assert r.status_code == 422 and len(r.content) < 600 and "history has 200000 events" in r.text
+        r = c.post("/recommend", json={"history": events[:10_000], "k": 3})  # the limit itself is served
+        assert r.status_code == 200 and len(r.json()["items"]) == 3
+
+
+def test_cli_serve_max_body_kb(runs, capsys, monkeypatch):
+    import m3bsr.serving.app as app_module
+
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app))
+    real = app_module.create_app
+    monkeypatch.setattr(app_module, "create_app", lambda *a, **kw: served.update(kw) or real(*a, **kw))
+    assert cli_main(["serve", str(runs["pop"]), "--max-body-kb", "0"]) == 2
+    assert "--max-body-kb 0: must be at least 1" in capsys.readouterr().err
+    assert cli_main(["serve", str(runs["pop"]), "--max-body-kb", "16", "--quiet"]) == 0
+    assert served["max_body_bytes"] == 16 * 1024 and "app" in served
+
+
 # --------------------------------------------------------------------------- real servers on loopback
 
 
@@ -318,6 +402,12 @@ def test_uvicorn_thread_micro_batches_concurrent_requests(sasrec):
         lat, n_err, wall, _ = asyncio.run(serve_load.load(url, users, clients=8, duration=1.0, max_requests=200,
                                                           k=3, exclude_seen=True, seed=0))
         assert n_err == 0 and 0 < len(lat) <= 200 and wall < 15
+        # over the body cap on a real socket, by Content-Length and chunked: 413 at once, server still up
+        for content in (b"{" + b"x" * 3_000_000, (b"x" * 65536 for _ in range(50))):
+            r = httpx.post(f"{url}/recommend", content=content, headers={"content-type": "application/json"},
+                           timeout=10)
+            assert r.status_code == 413 and "over the service's limit of 2097152 bytes" in r.json()["detail"]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
     finally:
         server.should_exit = True
         thread.join(timeout=10)

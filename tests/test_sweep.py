@@ -39,6 +39,8 @@ def test_sweep_ranks_on_validation_never_evaluates_test(tiny_prepared, tmp_path,
             "--set", "data.max_len=10", "--set", "train.device=cpu", "--out", str(out),
             "--emit-best", str(best), "--quiet"]
     assert main(argv) == 0
+    printed = capsys.readouterr().out  # --quiet: the progress lines still say where the sweep is
+    assert "sweep: [1/2] sasrec train.lr=1e-4\n" in printed and "sweep: [2/2] sasrec train.lr=1e-2 · ETA " in printed
     rows = (out / "sweep.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("train.lr,run,")
     runs = sorted((out / "runs").iterdir())
@@ -60,3 +62,39 @@ def test_sweep_ranks_on_validation_never_evaluates_test(tiny_prepared, tmp_path,
     assert main(argv) == 0
     assert (out / "sweep.csv").read_text() == before
     assert yaml.safe_load(best.read_text())["model"]["name"] == "sasrec"
+
+
+def test_sweep_progress_lines_and_eta(tiny_prepared, tmp_path):
+    """`[k/N] model point` before each grid point, the ETA from the points trained so far, reuse said."""
+    from m3bsr.sweep import sweep
+
+    now, lines = [0.0], []
+
+    def fake_train(cfg, dataset, out, *, overwrite, quiet):  # writes config.yaml and metrics.json like the engine
+        now[0] += 20 if cfg.model.hidden_size == 8 else 40
+        out.mkdir(parents=True, exist_ok=True)
+        fingerprint = json.loads((dataset / "manifest.json").read_text()).get("fingerprint")
+        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()),
+                                                         "dataset_fingerprint": fingerprint, **cfg.to_dict()}))
+        metrics = {"valid": {"full": {"NDCG@10": cfg.train.lr, "HR@10": 0.5}}, "best_epoch": 1,
+                   "seconds_per_epoch": 1.0}
+        (out / "metrics.json").write_text(json.dumps(metrics))
+        return metrics
+
+    def run():
+        lines.clear()
+        return sweep(tiny_prepared, "sasrec", "model.hidden_size=8,16 train.lr=0.1,0.2", tmp_path / "sw",
+                     train_fn=fake_train, progress=lines.append, clock=lambda: now[0])
+
+    table = run()
+    assert lines == ["[1/4] sasrec model.hidden_size=8 train.lr=0.1",
+                     "[2/4] sasrec model.hidden_size=8 train.lr=0.2 · ETA 1m00s (20s per run)",
+                     "[3/4] sasrec model.hidden_size=16 train.lr=0.1 · ETA 40s (20s per run)",
+                     "[4/4] sasrec model.hidden_size=16 train.lr=0.2 · ETA 27s (27s per run)",  # (20+20+40)/3
+                     "4 grid points done in 2m00s (4 trained, 0 reused)"]
+    assert table["valid_NDCG@10"].tolist() == [0.2, 0.2, 0.1, 0.1]
+    (tmp_path / "sw" / "runs" / "003-hidden_size=16-lr=0.2" / "metrics.json").unlink()
+    run()
+    assert lines[0] == "[1/4] sasrec model.hidden_size=8 train.lr=0.1: finished, reused"
+    assert lines[3:] == ["[4/4] sasrec model.hidden_size=16 train.lr=0.2",
+                         "4 grid points done in 40s (1 trained, 3 reused)"]

@@ -106,6 +106,11 @@ class Catalogue:
         return len(self.behavior_names)
 
     @property
+    def single_behavior(self) -> bool:
+        """True for a dataset of the target behavior alone: every window's auxiliary stream is empty."""
+        return self.n_behaviors == 1
+
+    @property
     def feature_dims(self) -> dict[str, int]:
         """Modality name → feature width."""
         return {m: int(x.shape[1]) for m, x in self.features.items()}

@@ -36,13 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prepare", help="build a prepared dataset directory from an event log",
+                       usage="m3bsr prepare SOURCE [--preset NAME] [--config FILE] [--set KEY=VALUE ...] --out DIR\n"
+                       "                     [--sample-users N] [--seed S] [--overwrite]\n"
+                       "       m3bsr prepare --inspect DIR | --list-presets | --show-preset NAME",
                        description="Build a prepared dataset (filter, remap, split, candidates) atomically. "
-                       "SOURCE is a file, a folder, or 'synthetic' (the embedded default).")
+                       "SOURCE is a file, a folder, or 'synthetic' (the embedded default). The config is the "
+                       "preset's YAML, then --config merged on top (key by key), then each --set; "
+                       "every key: docs/data.md.")
     p.add_argument("source", nargs="?", help="event file or folder, or 'synthetic'")
-    p.add_argument("--preset", help="a built-in preset (ml100k_mm, retail_rocket, tmall, otto, synthetic)")
-    p.add_argument("--config", metavar="FILE", help="a prepare config YAML (see docs/data.md)")
+    p.add_argument("--preset", help="a built-in preset (ml100k_mm, retail_rocket, tmall, otto, synthetic; "
+                   "see --list-presets)")
+    p.add_argument("--config", metavar="FILE", help="a prepare config YAML, merged over --preset (see docs/data.md)")
+    p.add_argument("--list-presets", action="store_true", help="list the built-in presets and exit")
+    p.add_argument("--show-preset", metavar="NAME", help="print a preset's YAML (a --config template) and exit")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override one prepare key, e.g. --set min_user_events=10 or synthetic.users=500")
+    p.add_argument("--sample-users", type=int, metavar="N", help="keep N users drawn uniformly from the raw log, "
+                   "before any filter or cut (sets sample_users; default: every user)")
+    p.add_argument("--seed", type=int, metavar="S", help="sets seed, which draws the user sample and the candidates "
+                   "(default: the preset's, else 0)")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --inspect)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing different output directory")
     p.add_argument("--inspect", metavar="DIR", type=Path, help="print the statistics table of a prepared DIR")
@@ -144,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, help="most requests scored in one forward pass (default 64)")
     p.add_argument("--max-wait-ms", type=float, help="wait for more requests after the first (default 2)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: half the CPUs, at most 4)")
+    p.add_argument("--max-body-kb", type=int, metavar="KB",
+                   help="request bodies above KB kibibytes are answered 413 (default 2048: 10,000 events fit)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the user encoder at start-up (about a minute on CPU; lower latency after)")
     _common(p)
@@ -189,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"m3bsr: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("m3bsr: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # an Interrupted says how to continue; a bare Ctrl-C says nothing more
+        print(f"m3bsr: interrupted: {e}" if str(e) else "m3bsr: interrupted", file=sys.stderr)
         return 130
 
 

@@ -3,11 +3,13 @@
 Layout of ``OUT`` (every file written atomically)::
 
     OUT/runs/<model>-s<seed>/   one engine run directory each (finished ones are reused, so an
-                                interrupted compare continues; an unfinished one resumes from last.pt)
-    OUT/results.csv             one row per model x seed x split x protocol: model, seed, split,
+                                interrupted compare continues; an unfinished one resumes from last.pt;
+                                one trained before its dataset was re-prepared is refused)
+    OUT/results.csv             one row per model x seed x split x protocol: model, mode, seed, split,
                                 protocol, HR@K/NDCG@K for each K, MRR, best_epoch, epochs, seconds_per_epoch
-    OUT/results.md              mean ± std over seeds per metric and protocol (best in bold), the
-                                relative gain of the reference over the best baseline, significance
+    OUT/results.md              what each model read of the dataset (its mode and any notice), mean ±
+                                std over seeds per metric and protocol (best in bold), the relative
+                                gain of the reference over the best baseline, significance
     OUT/results.png             grouped bars of the test metrics, both protocols
     OUT/significance.json       the paired tests (see :func:`significance`)
 
@@ -21,6 +23,13 @@ of models not in ``--models`` are ignored, so one tuned config serves several pa
 An entry ``MODEL@PRESET`` (e.g. ``m3bsr@paper``) is one more row: the model built from that
 ``model.preset``; its per-model block and run directories use the whole entry as its name.
 The reference is ``m3bsr`` when listed, else the first model.
+
+Modes: before any training, each model's ``data_mode`` (models/base.py) is read on the dataset; a
+model that cannot run on it (e.g. ``m3bsr@paper`` on a single-behavior dataset) stops the compare
+with one line naming the entry, so nothing is skipped silently, and the tables say what each ran on.
+
+Progress: before each run one plain line ``compare: [4/6] sasrec seed 1 · ETA 2m10s (40s per run)``
+(the ETA once a run has trained in this call), and a closing count, printed under ``--quiet`` too.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import argparse
 import copy
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,8 +49,10 @@ import yaml
 from m3bsr import atomic
 from m3bsr.config import Config, build_config, parse_override
 from m3bsr.engine.metrics import metric_names
-from m3bsr.errors import input_error
-from m3bsr.models.registry import canonical_name, model_config_class, model_names
+from m3bsr.errors import InputError, input_error
+from m3bsr.models.base import DataMode
+from m3bsr.models.registry import canonical_name, model_class, model_config_class, model_names
+from m3bsr.progress import RunProgress
 
 SPLITS = ("valid", "test")
 PROTOCOLS = ("sampled", "full")
@@ -157,6 +169,21 @@ def model_configs(raw: dict[str, Any], models: list[str], seed: int, sets: list[
     return out
 
 
+def data_modes(dataset: Path, configs: dict[str, Config]) -> dict[str, DataMode]:
+    """What each model reads of ``dataset`` (:meth:`SequentialRecommender.data_mode`); an
+    :class:`InputError` naming the entry for a model that cannot run on it."""
+    from m3bsr.data.prepared import PreparedDataset
+
+    catalogue = PreparedDataset.load(dataset).catalogue()
+    modes = {}
+    for entry, cfg in configs.items():
+        try:
+            modes[entry] = model_class(cfg.model.name).data_mode(cfg.model, catalogue, where=str(dataset))
+        except InputError as e:
+            raise input_error(f"--models entry {entry!r}", str(e), "Or drop the entry from --models") from None
+    return modes
+
+
 def reference_model(models: list[str]) -> str:
     """The model whose gain over the best baseline is reported: m3bsr if listed, else the first."""
     return "m3bsr" if "m3bsr" in models else models[0]
@@ -180,13 +207,18 @@ def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
             log: Callable[[str], None] = print) -> dict:
-    """Train one run, reuse it when finished with the same config, or resume it from last.pt."""
+    """Train one run, reuse it when finished with the same config, or resume it from last.pt.
+
+    A run trained on the same dataset directory before it was re-prepared is refused (fingerprints)."""
+    from m3bsr.engine.runs import RunDir, split_run_config
+
     if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
-        stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-        stored_dataset = stored.pop("dataset", None)
+        stored, stored_dataset = split_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
         if stored != cfg.to_dict() or stored_dataset != str(Path(dataset).resolve()):
             raise input_error(str(run_dir), "was trained with a different config or dataset",
                               "Pass --overwrite to retrain, or choose another --out")
+        RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain on the current data, "
+                                      "or choose another --out")
         metrics = run_dir / "metrics.json"
         if metrics.is_file() and (run_dir / "test_ranks.parquet").is_file():
             summary = json.loads(metrics.read_text())
@@ -203,41 +235,67 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
 def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path, raw: dict[str, Any] | None = None,
                 sets: list[str] = (), overwrite: bool = False, quiet: bool = False, source: str = "config",
                 train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
-                log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Every model x seed, then the report files; returns the results table (see :func:`results_table`)."""
+                log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
+                clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
+    """Every model x seed, then the report files; returns the results table (see :func:`results_table`).
+
+    Before each run ``progress`` (default: ``log``) gets ``[4/6] sasrec seed 1`` and, once a run has
+    trained, the ETA of the rest (:class:`~m3bsr.progress.RunProgress`, timed by ``clock``)."""
+    progress = log if progress is None else progress
     dataset, out = Path(dataset), Path(out)
     if not (dataset / "manifest.json").is_file():
         raise input_error(str(dataset), "not a prepared dataset (no manifest.json)",
                           "Run `m3bsr prepare SOURCE --out DIR` first")
     configs = {s: model_configs(raw or {}, models, s, list(sets), source) for s in seeds}  # validate all first
+    modes = data_modes(dataset, configs[seeds[0]])  # the seed changes no mode
+    for m, mode in modes.items():
+        if mode.notice:
+            log(f"{m}: notice: {mode.notice}")
     summaries = {}
+    where = RunProgress(len(seeds) * len(models), clock)
     for s in seeds:
         for m in models:
             run_dir = out / "runs" / f"{m}-s{s}"
+            progress(where.start(f"{m} seed {s}"))
+            trained = []  # set when the run trains or resumes (a reused run says nothing about the ETA)
+
+            def train_here(*a, **kw):
+                trained.append(True)
+                return train_fn(*a, **kw)
+
+            def resume_here(*a, **kw):
+                trained.append(True)
+                return resume_fn(*a, **kw)
+
             summaries[m, s] = run_one(configs[s][m], dataset, run_dir, overwrite=overwrite, quiet=quiet,
-                                      train_fn=train_fn, resume_fn=resume_fn, log=log)
+                                      train_fn=train_here, resume_fn=resume_here, log=log)
+            where.finish(bool(trained))
+    progress(where.summary())
     ks = configs[seeds[0]][models[0]].eval.ks
-    table = results_table(summaries, ks)
-    write_report(table, out, models, seeds, ks)
+    table = results_table(summaries, ks, {m: mode.mode for m, mode in modes.items()})
+    write_report(table, out, models, seeds, ks, modes)
     return table
 
 
 # --------------------------------------------------------------------------- aggregation
 
 
-def results_table(summaries: dict[tuple[str, int], dict], ks: list[int]) -> pd.DataFrame:
-    """One row per (model, seed, split, protocol) with every metric and the run's timing."""
+def results_table(summaries: dict[tuple[str, int], dict], ks: list[int],
+                  modes: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per (model, seed, split, protocol) with the model's mode (``modes``, else the run's
+    metrics.json), every metric and the run's timing."""
     names = metric_names(ks)
     rows = []
     for (model, seed), s in summaries.items():
+        mode = (modes or {}).get(model) or s.get("mode", "")
         for split in SPLITS:
             for protocol in PROTOCOLS:
                 metrics = (s.get(split) or {}).get(protocol) or {}
-                rows.append({"model": model, "seed": seed, "split": split, "protocol": protocol,
+                rows.append({"model": model, "mode": mode, "seed": seed, "split": split, "protocol": protocol,
                              **{n: metrics.get(n, np.nan) for n in names},
                              "best_epoch": s.get("best_epoch"), "epochs": s.get("epochs"),
                              "seconds_per_epoch": s.get("seconds_per_epoch")})
-    return pd.DataFrame(rows, columns=["model", "seed", "split", "protocol", *names, "best_epoch", "epochs",
+    return pd.DataFrame(rows, columns=["model", "mode", "seed", "split", "protocol", *names, "best_epoch", "epochs",
                                        "seconds_per_epoch"])
 
 
@@ -290,14 +348,19 @@ def best_baseline(mean: pd.DataFrame, reference: str, protocol: str, metric: str
 
 
 def markdown(table: pd.DataFrame, sig: list[dict[str, Any]], models: list[str], seeds: list[int],
-             ks: list[int]) -> str:
-    """results.md: one table per split and protocol (mean ± std, best in bold), gains, significance."""
+             ks: list[int], modes: dict[str, DataMode] | None = None) -> str:
+    """results.md: what each model read (mode, notice), one table per split and protocol (mean ± std,
+    best in bold), gains, significance."""
     mean, std = mean_std(table, ks)
     names = metric_names(ks)
     ref = reference_model(models)
     lines = [f"# Comparison: {', '.join(models)} (seeds {', '.join(map(str, seeds))})", "",
              "Mean ± sample std over seeds. **Bold** = best model per column. Reference model: "
              f"`{ref}`. `sampled` = positive + stored negatives; `full` = whole catalogue.", ""]
+    if modes:
+        lines += ["## What each model read", "", "| model | mode | notice |", "|---|---|---|"]
+        lines += [f"| {m} | {modes[m].mode} | {(modes[m].notice or '').replace('|', '/')} |" for m in models]
+        lines.append("")
     for split in ("test", "valid"):
         for protocol in PROTOCOLS:
             m, s = mean.loc[(split, protocol)], std.loc[(split, protocol)]
@@ -355,7 +418,8 @@ def plot(table: pd.DataFrame, models: list[str], ks: list[int]) -> bytes:
     return buf.getvalue()
 
 
-def write_report(table: pd.DataFrame, out: Path, models: list[str], seeds: list[int], ks: list[int]) -> None:
+def write_report(table: pd.DataFrame, out: Path, models: list[str], seeds: list[int], ks: list[int],
+                 modes: dict[str, DataMode] | None = None) -> None:
     """results.csv, significance.json, results.md and results.png under ``out``."""
     mean, _ = mean_std(table, ks)
     ref = reference_model(models)
@@ -366,7 +430,7 @@ def write_report(table: pd.DataFrame, out: Path, models: list[str], seeds: list[
             sig.append(significance(out, ref, base, seeds, protocol))
     atomic.write_text(out / "results.csv", table.to_csv(index=False, float_format="%.6g"))
     atomic.write_json(out / "significance.json", sig)
-    atomic.write_text(out / "results.md", markdown(table, sig, models, seeds, ks))
+    atomic.write_text(out / "results.md", markdown(table, sig, models, seeds, ks, modes))
     atomic.write_bytes(out / "results.png", plot(table, models, ks))
 
 
@@ -374,9 +438,12 @@ def main(args: argparse.Namespace) -> int:
     """The ``compare`` command: flags → :func:`run_compare`; prints the test tables."""
     models, seeds = parse_models(args.models), parse_seeds(args.seeds)
     raw = read_raw_config(Path(args.config) if args.config else None)
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(f"compare: {msg}", flush=True))
+    def say(msg: str) -> None:
+        print(f"compare: {msg}", flush=True)
+
+    log = (lambda msg: None) if args.quiet else say
     run_compare(args.dataset, models, seeds, out=args.out, raw=raw, sets=args.sets, overwrite=args.overwrite,
-                quiet=args.quiet, source=args.config or "config", log=log)
+                quiet=args.quiet, source=args.config or "config", log=log, progress=say)  # progress even if --quiet
     print(f"wrote {args.out / 'results.csv'}, results.md, results.png, significance.json")
     if not args.quiet:
         print((args.out / "results.md").read_text())

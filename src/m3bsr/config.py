@@ -59,6 +59,15 @@ class TrainConfig(StrictModel):
     nonfinite: Literal["stop", "skip"] = Field("stop", description="on a NaN/inf loss: stop the run or skip the batch")
     log_every: int = Field(0, ge=0, description="steps between log lines in --quiet mode; 0 = once per epoch")
     eval_test: bool = Field(True, description="evaluate test once on the best checkpoint (sweeps set false)")
+    loss: Literal["full", "sampled"] = Field(
+        "full", description="full = softmax cross-entropy over the whole catalogue (Eq. 23-24); sampled = "
+        "each positive against train.loss_negatives shared negatives, logQ-corrected (docs/training.md)")
+    loss_negatives: int = Field(1024, ge=1, description="train.loss=sampled: negatives drawn per batch, "
+                                "shared by its queries")
+    loss_alpha: float = Field(1.0, ge=0.0, description="train.loss=sampled: negatives drawn with probability "
+                              "proportional to (training target count + 1)^alpha; 0 = uniform")
+    loss_replacement: bool = Field(True, description="train.loss=sampled: draw with replacement; false = "
+                                   "distinct items (at most the catalogue)")
 
 
 class EvalConfig(StrictModel):

@@ -15,9 +15,20 @@ class InputError(Exception):
     """
 
 
+def clip(text: str, limit: int = 80) -> str:
+    """``text``, or its first ``limit`` characters and ``... (N characters)``: what a message may repeat of
+    an input that can be arbitrarily long (an id sent to the HTTP service)."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def input_error(where: str, problem: str, fix: str = "") -> InputError:
     """Return an :class:`InputError` whose message is ``'<where>: <problem>. <fix>'`` on one line."""
     msg = f"{where}: {problem}"
     if fix:
         msg = f"{msg.rstrip('.')}. {fix}"
     return InputError(" ".join(msg.split()))
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a command that left work behind; the message names it and the one command that
+    continues it (``'<where>: <what stopped>. <command>'``). The CLI prints it after ``m3bsr: interrupted:``."""

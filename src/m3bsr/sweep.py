@@ -1,9 +1,12 @@
 """``m3bsr sweep``: a grid search scored on validation only (test is never evaluated).
 
 Each grid point is a normal training run (``<out>/runs/<k>-<slug>``) with ``train.eval_test=false``;
-finished points are skipped, so an interrupted sweep continues where it stopped. The table
+finished points are skipped, so an interrupted sweep continues where it stopped (a finished point
+trained before its dataset was re-prepared is refused: another manifest fingerprint). The table
 (``sweep.csv``, ``sweep.md``) ranks points by the monitored validation metric, and
 ``--emit-best FILE`` writes the winning config as YAML, ready for ``m3bsr train --config FILE``.
+Before each point one plain line ``sweep: [3/8] sasrec train.lr=1e-3 · ETA 5m20s
+(40s per run)`` says where the sweep is (under ``--quiet`` too; a reused point says so).
 """
 
 from __future__ import annotations
@@ -12,14 +15,16 @@ import argparse
 import itertools
 import json
 import re
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
 from m3bsr import atomic
 from m3bsr.config import Config, load_config, parse_override
 from m3bsr.errors import input_error
+from m3bsr.progress import RunProgress
 
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
 
@@ -52,31 +57,48 @@ def _slug(overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(short))[:80]
 
 
-def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
-          overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False) -> pd.DataFrame:
-    """Train every grid point on ``dataset`` and rank them on validation. Returns the table."""
+def _engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, quiet: bool) -> dict:
     from m3bsr.engine.train import train
+
+    return train(cfg, dataset, out, overwrite=overwrite, quiet=quiet)
+
+
+def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
+          overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False,
+          train_fn: Callable = _engine_train, progress: Callable[[str], None] = print,
+          clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
+    """Train every grid point on ``dataset`` and rank them on validation. Returns the table.
+
+    Before each point ``progress`` gets ``[k/N] POINT`` and, once a point has trained, the ETA of
+    the rest (:class:`~m3bsr.progress.RunProgress`, timed by ``clock``)."""
+    from m3bsr.engine.runs import RunDir
 
     axes = parse_grid(grid)
     points = grid_points(axes)
     base = load_config(config, model=model, overrides=list(overrides))  # validates the fixed keys once
     rows: list[dict[str, Any]] = []
+    where = RunProgress(len(points), clock)
     for k, point in enumerate(points):
         cfg = load_config(config, model=model, overrides=[*overrides, *point, "train.eval_test=false"])
         run_dir = out / "runs" / f"{k:03d}-{_slug(point)}"
         done = run_dir / "metrics.json"
-        if done.is_file():
+        line, reused = where.start(f"{base.model.name} {' '.join(point)}"), done.is_file()
+        if reused:
+            RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain every grid point on the "
+                                          "current data, or choose another --out")
+            progress(f"{line}: finished, reused")
             metrics = json.loads(done.read_text())
         else:
-            if not quiet:
-                print(f"[sweep {k + 1}/{len(points)}] {' '.join(point)}")
-            metrics = train(cfg, dataset, run_dir, overwrite=run_dir.exists(), quiet=quiet)
+            progress(line)
+            metrics = train_fn(cfg, dataset, run_dir, overwrite=run_dir.exists(), quiet=quiet)
+        where.finish(trained=not reused)
         valid = metrics["valid"][base.train.monitor_protocol]
         row = {key: value for key, value in (p.split("=", 1) for p in point)}
         row.update({"run": run_dir.name, "best_epoch": metrics.get("best_epoch"),
                     "seconds_per_epoch": metrics.get("seconds_per_epoch")})
         row.update({f"valid_{m}": valid[m] for m in METRICS if m in valid})
         rows.append(row)
+    progress(where.summary("grid points"))
     table = pd.DataFrame(rows).sort_values(f"valid_{base.train.monitor_metric}", ascending=False)
     atomic.write_text(out / "sweep.csv", table.to_csv(index=False))
     header = (f"# Sweep: {base.model.name} on {dataset}\n\nValidation only ({base.train.monitor_protocol} protocol), "
@@ -105,7 +127,8 @@ def main(args: argparse.Namespace) -> int:
 
         shutil.rmtree(args.out)
     table = sweep(args.dataset, args.model, args.grid, args.out, config=args.config, overrides=args.sets,
-                  emit_best=args.emit_best, quiet=args.quiet)
+                  emit_best=args.emit_best, quiet=args.quiet,
+                  progress=lambda msg: print(f"sweep: {msg}", flush=True))  # under --quiet too
     print(_markdown(table))
     print(f"\nwrote {args.out / 'sweep.csv'} and {args.out / 'sweep.md'}"
           + (f"; best config → {args.emit_best}" if args.emit_best else ""))

@@ -49,6 +49,24 @@ class EventsConfig(StrictModel):
                                                 description="rating ranges → behavior; ratings outside are dropped")
     rename: dict[str, str] = Field(default_factory=dict, description="source behavior name → name used here")
     integer_ids: bool = Field(False, description="require user/item ids to be integers")
+    behavior: str | None = Field(None, description="single-behavior log without a behavior column: every row is "
+                                 "this behavior (and, when `behaviors` is not given, the target)")
+
+    @model_validator(mode="after")
+    def _one_behavior_source(self) -> "EventsConfig":
+        if self.behavior is None:
+            return self
+        if not self.behavior.strip():
+            raise ValueError("events.behavior is an empty name")
+        if self.columns.rating is not None or self.rating_behaviors:
+            raise ValueError("events.behavior names the behavior of every row; it cannot be combined with "
+                             "events.columns.rating / events.rating_behaviors")
+        if "behavior" in self.columns.model_fields_set and self.columns.behavior is not None:
+            raise ValueError(f"events.behavior={self.behavior!r} says the log has no behavior column, but "
+                             f"events.columns.behavior={self.columns.behavior!r} names one; set only one of them")
+        if self.columns.behavior is not None:  # stored as null, so the saved config reads back the same
+            self.columns = self.columns.model_copy(update={"behavior": None})
+        return self
 
 
 class ItemsConfig(StrictModel):
@@ -67,7 +85,8 @@ class BehaviorsConfig(StrictModel):
     """Which behavior is predicted and which form the auxiliary stream."""
 
     target: str
-    auxiliary: list[str] = Field(..., min_length=1, description="merged into one auxiliary stream")
+    auxiliary: list[str] = Field(default_factory=list, description="merged into one auxiliary stream; empty = a "
+                                 "single-behavior dataset (no auxiliary stream)")
     ignore: list[str] = Field(default_factory=list, description="behaviors present in the log and dropped")
 
 
@@ -110,8 +129,21 @@ class PrepareConfig(StrictModel):
     keep_last: int = Field(50, ge=0, description="most recent events kept per stream and user; 0 = all")
     min_target_events: int = Field(2, ge=2, description="drop users with fewer target events (valid + test)")
     n_negatives: int = Field(99, ge=1, description="sampled negatives per valid/test target")
-    seed: int = 0
+    seed: int = Field(0, description="draws the user sample and the candidates")
+    sample_users: int | None = Field(None, ge=1, description="keep this many users, drawn uniformly from the "
+                                     "raw log's users before any filter or cut (so at most this many remain); "
+                                     "null = every user")
     synthetic: SyntheticConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_behavior_target(cls, raw: object) -> object:
+        """``events.behavior`` alone names the target of a single-behavior log."""
+        if not isinstance(raw, dict) or "behaviors" in raw:
+            return raw
+        events = raw.get("events")
+        name = events.get("behavior") if isinstance(events, dict) else None
+        return {**raw, "behaviors": {"target": name}} if isinstance(name, str) else raw
 
     @model_validator(mode="after")
     def _behaviors_distinct(self) -> "PrepareConfig":
@@ -128,6 +160,29 @@ class PrepareConfig(StrictModel):
 def preset_names() -> list[str]:
     """Names of the built-in presets."""
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str, flag: str = "--preset") -> Path:
+    """The YAML file of the built-in preset ``name``; an unknown name is a one-line error naming ``flag``."""
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, preset_names(), n=1)
+        hint = f"Did you mean {close[0]}?" if close else f"Choose one of: {', '.join(preset_names())}"
+        raise input_error(f"{flag} {name}", "unknown preset", hint)
+    return path
+
+
+def preset_summaries() -> list[str]:
+    """One line per built-in preset: name, behaviors, and the first line of its file's header comment."""
+    lines = []
+    for name in preset_names():
+        text = preset_path(name).read_text()
+        raw = yaml.safe_load(text) or {}
+        b = raw.get("behaviors") or {}
+        about = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+        behaviors = f"{b.get('target')} <- {'+'.join(b.get('auxiliary') or []) or '(none)'}"
+        lines.append(f"{name:<14} {behaviors:<24} {about.split(' (')[0]}")
+    return [f"{'preset':<14} {'target <- auxiliary':<24} source", *lines]
 
 
 def _read_yaml(path: Path, where: str) -> dict[str, Any]:
@@ -149,12 +204,7 @@ def load_prepare_config(preset: str | None = None, config: str | Path | None = N
     raw: dict[str, Any] = {}
     source = []
     if preset is not None:
-        path = PRESET_DIR / f"{preset}.yaml"
-        if not path.is_file():
-            close = difflib.get_close_matches(preset, preset_names(), n=1)
-            hint = f"Did you mean {close[0]}?" if close else f"Choose one of: {', '.join(preset_names())}"
-            raise input_error(f"--preset {preset}", "unknown preset", hint)
-        raw = _read_yaml(path, f"preset {preset}")
+        raw = _read_yaml(preset_path(preset), f"preset {preset}")
         source.append(f"preset {preset}")
     if config is not None:
         _deep_merge(raw, _read_yaml(Path(config), str(config)))

@@ -2,10 +2,13 @@
 
 Pipeline (the paper's protocol, see docs/data.md):
 
-1. read the event log (any reader) and check behaviors (target present, no unknown names);
-2. keep the target and auxiliary behaviors (auxiliaries merge into one stream);
+1. read the event log (any reader) and check behaviors (target present, no unknown names); with
+   ``sample_users`` keep that many of the raw log's users, drawn uniformly (before any filter or cut);
+2. keep the target and auxiliary behaviors (auxiliaries merge into one stream; none = a
+   single-behavior dataset, whose auxiliary stream is empty);
 3. drop users with fewer than ``min_user_events`` kept events;
-4. per user and stream keep the ``keep_last`` most recent events (order: timestamp, then input order);
+4. per user and stream keep the ``keep_last`` most recent events (order: timestamp, then input order,
+   so of two events with one timestamp the later row of the input counts as later);
 5. drop users with fewer than ``min_target_events`` target events (each needs a valid and a test target);
 6. dense ids 1..U / 1..I over what is kept (0 = padding); ``order`` = per-user rank, 0-based;
 7. leave-one-out on the target stream: last → test, second-to-last → valid;
@@ -26,10 +29,10 @@ import numpy as np
 import pandas as pd
 
 from m3bsr.atomic import atomic_dir
-from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config
+from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config, preset_path, preset_summaries
 from m3bsr.data.features import align_features, features_from_array
 from m3bsr.data.readers import build_item_table, read_events
-from m3bsr.data.stats import compute_statistics, format_statistics
+from m3bsr.data.stats import compute_statistics, format_statistics, tie_statistics
 from m3bsr.errors import input_error
 
 PREPARE_VERSION = 1
@@ -120,6 +123,27 @@ def _remap(kept: pd.DataFrame, cfg: PrepareConfig) -> tuple[pd.DataFrame, np.nda
     return kept, user_orig, item_orig, names
 
 
+def _sample_users(events: pd.DataFrame, cfg: PrepareConfig, counts: dict[str, int],
+                  log: Callable[[str], None]) -> pd.DataFrame:
+    """Step 1b: the events of ``cfg.sample_users`` users drawn uniformly without replacement from the
+    raw log's users (in natural id order, so the draw does not depend on the row order), from
+    ``numpy_rng(seed, "sample-users")``. Before any filter or cut: fewer may remain after them."""
+    from m3bsr.seeding import numpy_rng
+
+    users = _natural_order(events["user"].to_numpy())
+    n = cfg.sample_users
+    if n >= len(users):
+        log(f"prepare: sample_users={n}: the log has only {len(users):,} users; all kept")
+        counts.update(users_not_sampled=0, events_not_sampled=0)
+        return events
+    chosen = users[np.sort(numpy_rng(cfg.seed, "sample-users").choice(len(users), size=n, replace=False))]
+    keep = events["user"].isin(chosen).to_numpy()
+    counts.update(users_not_sampled=int(len(users) - n), events_not_sampled=int((~keep).sum()))
+    log(f"prepare: sampled {n:,} of {len(users):,} users (seed {cfg.seed}), before any filter or cut: "
+        f"{int(keep.sum()):,} events")
+    return events[keep].reset_index(drop=True)
+
+
 def _split(ev: pd.DataFrame, n_users: int) -> tuple[np.ndarray, np.ndarray]:
     """Row positions (into ``ev``, sorted by user/order) of each user's valid and test target [U]."""
     tgt = np.flatnonzero(ev["stream"].to_numpy() == 1)
@@ -205,8 +229,13 @@ def _source_files(source: str | Path, cfg: PrepareConfig) -> tuple[Path | None, 
 
 
 def _fingerprint(cfg: PrepareConfig, hashes: list[dict[str, Any]]) -> str:
+    config = cfg.to_dict()
+    if config["events"]["behavior"] is None:  # added later; unset, it leaves earlier caches up to date
+        del config["events"]["behavior"]
+    if config["sample_users"] is None:  # the same
+        del config["sample_users"]
     blob = json.dumps({"prepare_version": PREPARE_VERSION,
-                       "config": cfg.to_dict(), "files": [(h["role"], h["sha256"]) for h in hashes]},
+                       "config": config, "files": [(h["role"], h["sha256"]) for h in hashes]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -262,11 +291,14 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
     counts = {"input_events": int(len(events)), "input_users": int(events["user"].nunique()),
               "input_items": int(events["item"].nunique()),
               "events_rating_unmapped_dropped": int(events["behavior"].isna().sum())}
+    if cfg.sample_users is not None:
+        events = _sample_users(events, cfg, counts, log)
 
     kept = _filter_and_order(events, cfg, counts)
     kept, user_orig, item_orig, names = _remap(kept, cfg)
     n_users, n_items = len(user_orig), len(item_orig)
-    log(f"prepare: kept {len(kept):,} events, {n_users:,} users, {n_items:,} items")
+    log(f"prepare: kept {len(kept):,} events, {n_users:,} users, {n_items:,} items"
+        + ("" if cfg.behaviors.auxiliary else f" (single-behavior: {cfg.behaviors.target!r} only)"))
 
     valid_rows, test_rows = _split(kept, n_users)
     seen_u, seen_i = _seen_pairs(events, pd.Index(user_orig), pd.Index(item_orig))
@@ -289,6 +321,10 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
         features[m], masks[m], feature_info[m] = align_features(files[f"features.{m}"], item_orig)
     users = pd.DataFrame({"user": np.arange(1, n_users + 1, dtype=np.int32), "original": user_orig.astype(str)})
     statistics = compute_statistics(kept, names, n_users, n_items, counts)
+    ties = statistics["ties"]
+    if ties["users_valid_test_tied_share"] >= 0.01:
+        log(f"prepare: warning: {ties['users_valid_test_tied_share']:.1%} of users have their valid and test targets "
+            "at the same timestamp; the input row order decides which is which (docs/data.md §5)")
     manifest = {
         "source": {"name": cfg.name, "path": str(source) if events_path is None else str(Path(source).resolve()),
                    "files": hashes},
@@ -306,17 +342,31 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
 
 
 def inspect(path: str | Path) -> str:
-    """The statistics table of a prepared directory."""
+    """The statistics table of a prepared directory (the tie statistics of a directory prepared before
+    they were recorded are computed from its events.parquet)."""
     p = Path(path) / "manifest.json"
     if not p.is_file():
         raise input_error(str(path), "not a prepared dataset (no manifest.json)", "Run `m3bsr prepare` first")
-    return format_statistics(json.loads(p.read_text()))
+    manifest = json.loads(p.read_text())
+    stats = manifest.get("statistics", {})
+    if "ties" not in stats and (Path(path) / "events.parquet").is_file():
+        events = pd.read_parquet(Path(path) / "events.parquet", columns=["user", "timestamp", "stream", "order"])
+        stats["ties"] = tie_statistics(events)
+    return format_statistics(manifest)
 
 
 def main(args) -> int:
-    """The ``prepare`` subcommand (flags: source, preset, config, sets, out, overwrite, inspect, quiet)."""
+    """The ``prepare`` subcommand (flags: source, preset, config, sets, sample_users, seed, out, overwrite,
+    inspect, list_presets, show_preset, quiet)."""
     if args.inspect is not None:
         print(inspect(args.inspect))
+        return 0
+    if args.list_presets:
+        print("\n".join(preset_summaries()))
+        print("\nm3bsr prepare --show-preset NAME prints one (a --config template); docs/data.md §7 describes them")
+        return 0
+    if args.show_preset is not None:
+        print(preset_path(args.show_preset, "--show-preset").read_text(), end="")
         return 0
     if not args.source:
         raise input_error("prepare", "no SOURCE given", "Write `m3bsr prepare SOURCE --preset NAME --out DIR` "
@@ -325,11 +375,15 @@ def main(args) -> int:
         raise input_error("prepare", "no --out given", "Add --out DIR")
     preset = args.preset
     if preset is None and args.config is None:
-        if args.source != "synthetic":
-            raise input_error("prepare", "no --preset or --config given",
-                              "Add --preset NAME (ml100k_mm, retail_rocket, tmall, otto, synthetic) or --config FILE")
-        preset = "synthetic"
-    cfg = load_prepare_config(preset, args.config, list(args.sets))
+        if args.source == "synthetic":
+            preset = "synthetic"
+        elif not args.sets:  # --set alone may describe a simple log, e.g. --set events.behavior=play
+            raise input_error("prepare", "no --preset, --config or --set given",
+                              "Add --preset NAME (ml100k_mm, retail_rocket, tmall, otto, synthetic), --config FILE, "
+                              "or --set events.behavior=NAME for a user,item,timestamp log of one behavior")
+    flags = [f"sample_users={args.sample_users}"] if args.sample_users is not None else []
+    flags += [f"seed={args.seed}"] if args.seed is not None else []
+    cfg = load_prepare_config(preset, args.config, list(args.sets) + flags)  # the flags win over --set
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     manifest = prepare(args.source, cfg, args.out, overwrite=args.overwrite, log=log)
     if manifest.get("up_to_date"):

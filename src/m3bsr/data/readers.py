@@ -1,7 +1,8 @@
 """Readers: an event log file → one pandas event table, in input order.
 
-Output columns: ``user`` (str, original id), ``item`` (str), ``behavior`` (str), ``timestamp``
-(int64), plus ``rating`` (float64) when the log has one. Formats: CSV (plain or .gz, any
+Output columns: ``user`` (str, original id), ``item`` (str), ``behavior`` (str; ``events.behavior``
+on every row of a log without a behavior column), ``timestamp`` (int64), plus ``rating`` (float64)
+when the log has one. Formats: CSV (plain or .gz, any
 delimiter), Parquet, JSON lines of flat rows, OTTO sessions
 (``{"session", "events": [{"aid", "ts", "type"}]}``) and RecBole atomic ``.inter`` files
 (tab-separated, header ``name:type``). Every problem is an :class:`~m3bsr.errors.InputError`
@@ -208,17 +209,23 @@ def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str) -> pd.DataF
     """Map raw columns to the event table (see module docstring); checks columns and values."""
     cols: ColumnsConfig = cfg.columns
     wanted = {"user": cols.user, "item": cols.item, "timestamp": cols.timestamp}
-    if cols.behavior is not None:
+    if cols.behavior is not None and cfg.behavior is None:
         wanted["behavior"] = cols.behavior
     if cols.rating is not None:
         wanted["rating"] = cols.rating
     found = [str(c) for c in raw.columns]
     for key, name in wanted.items():
         if name not in found:
+            one = "; for a log of one behavior without this column set events.behavior=NAME" \
+                if key == "behavior" else ""
             raise input_error(where, f"missing column {name!r} (the {key} column; found: {', '.join(found)})",
-                              f"Set events.columns.{key}=NAME or fix the header")
+                              f"Set events.columns.{key}=NAME or fix the header{one}")
     extra = [c for c in found if c not in wanted.values() and c not in cfg.ignore_columns]
     if extra:
+        if cfg.behavior is not None and extra[0] == ColumnsConfig.model_fields["behavior"].default:
+            raise input_error(where, f"events.behavior={cfg.behavior!r} says the log has no behavior column, but it "
+                              f"has one ({extra[0]!r})", "Drop events.behavior and name the behaviors in "
+                              "behaviors.target/auxiliary, or list the column in events.ignore_columns")
         raise input_error(where, f"unexpected column {extra[0]!r} (expected: {', '.join(wanted.values())})",
                           f"Map it with events.columns.*, or list it in events.ignore_columns")
     out = pd.DataFrame({
@@ -234,7 +241,9 @@ def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str) -> pd.DataF
             raise input_error(f"{where} row {row + 1}", f"rating {raw[cols.rating].iloc[row]!r} is not a number",
                               "Fix the value")
         out["rating"] = rating
-    if cols.behavior is not None:
+    if cfg.behavior is not None:  # a single-behavior log: every row is that behavior
+        out["behavior"] = np.full(len(out), cfg.behavior, dtype=object)
+    elif cols.behavior is not None:
         beh = raw[cols.behavior].astype("string").str.strip()
         empty = beh.isna() | (beh == "")
         if empty.any():
@@ -245,7 +254,8 @@ def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str) -> pd.DataF
         out["behavior"] = _rating_to_behavior(out["rating"].to_numpy(), cfg, where)
     else:
         raise input_error(where, "no behavior column and no rating mapping",
-                          "Set events.columns.behavior, or events.columns.rating plus events.rating_behaviors")
+                          "Set events.columns.behavior, events.columns.rating plus events.rating_behaviors, "
+                          "or events.behavior=NAME for a log of one behavior")
     if cfg.rename:
         out["behavior"] = out["behavior"].map(lambda b: cfg.rename.get(b, b) if b is not None else None)
     return out[EVENT_TABLE_COLUMNS + (["rating"] if "rating" in out else [])].reset_index(drop=True)

@@ -132,7 +132,8 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", device: str 
     dataset's catalogue, with the weights of ``<which>.pt`` (``best`` or ``last``), on ``device``,
     in eval mode. ``cfg`` is the run's :class:`~m3bsr.config.Config`. ``dataset`` is the
     :class:`~m3bsr.data.prepared.PreparedDataset` the run was trained on (its ``users``/``items``
-    tables map dense ids to original ids; ``dataset.catalogue()`` gives the item tensors).
+    tables map dense ids to original ids; ``dataset.catalogue()`` gives the item tensors). A dataset
+    directory re-prepared since training (another manifest fingerprint) is an :class:`InputError`.
 
     Example (serving)::
 
@@ -147,6 +148,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", device: str 
 
     run = RunDir(Path(run_dir))
     cfg, dataset_path = run.read_config()
+    run.check_dataset(dataset_path)  # re-prepared since training: refused, naming both fingerprints
     ds = PreparedDataset.load(dataset_path)
     model = build_model(cfg.model, ds.catalogue())
     state = load_checkpoint(run.checkpoint(which), map_location="cpu")

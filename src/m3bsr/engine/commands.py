@@ -24,7 +24,8 @@ def run_config(config: str | Path | None, model: str | None, overrides: list[str
     """``--config`` (+ ``--model``, ``--set``) → Config, and the ``dataset:`` a run's config.yaml records.
 
     A run's ``config.yaml`` is accepted as ``--config``: its ``dataset`` key is split off (and
-    used when ``--dataset`` is not given); every other key is validated as usual.
+    used when ``--dataset`` is not given), its ``dataset_fingerprint`` dropped; every other key is
+    validated as usual.
     """
     if config is not None and Path(config).is_file():
         try:
@@ -32,7 +33,9 @@ def run_config(config: str | Path | None, model: str | None, overrides: list[str
         except yaml.YAMLError:
             raw = None  # load_config below reports it as one line with the line number
         if isinstance(raw, dict) and "dataset" in raw:
-            dataset = raw.pop("dataset")
+            from m3bsr.engine.runs import split_run_config  # here: numpy/pyarrow only when needed
+
+            raw, dataset = split_run_config(raw)  # a new run records the dataset's fingerprint afresh
             return build_config(raw, model=model, overrides=overrides, source=str(config)), Path(dataset)
     return load_config(config, model=model, overrides=overrides), None
 

@@ -1,6 +1,7 @@
 """The run directory: what a user sees and keeps (everything written atomically)::
 
-    RUN/config.yaml          resolved config + ``dataset:`` (the prepared dataset directory)
+    RUN/config.yaml          resolved config + ``dataset:`` (the prepared dataset directory) +
+                             ``dataset_fingerprint:`` (its manifest's fingerprint, null if it has none)
     RUN/metrics.jsonl        one JSON line per epoch (losses, valid metrics of both protocols, timing)
     RUN/metrics.json         final summary (see :data:`SUMMARY_KEYS`)
     RUN/best.pt last.pt      checkpoints (+ .sha256 sidecars, + .prev.pt fallbacks)
@@ -9,13 +10,20 @@
     RUN/test_ranks.parquet   user, rank_sampled, rank_full (test ranks of the best checkpoint)
 
 Every file reads without m3bsr (YAML, JSON, PNG, Parquet, ``torch.load(weights_only=True)``).
+
+A run is tied to the prepared data it was trained on: :meth:`RunDir.check_dataset` (called wherever a
+run is opened: evaluate, recommend, serve, resume, compare/sweep reuse) refuses a dataset directory
+whose fingerprint changed since (re-prepared with ``--overwrite``). A run written before the fingerprint
+was recorded gets one warning and is used as it is.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shlex
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +35,7 @@ import yaml
 
 from m3bsr import atomic
 from m3bsr.config import Config, build_config
-from m3bsr.errors import input_error
+from m3bsr.errors import InputError, input_error
 
 SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
 
@@ -37,9 +45,47 @@ def default_run_dir(dataset: Path, model: str, seed: int) -> Path:
     return Path("runs") / f"{Path(dataset).resolve().name}-{model}-s{seed}"
 
 
+def resume_command(root: Path) -> str:
+    """The shell command that continues (or, before any checkpoint, restarts) the run in ``root``."""
+    return f"m3bsr train --resume {shlex.quote(str(root))}"
+
+
+def exists_error(root: Path) -> InputError:
+    """``root`` already exists: the one-line error; an unfinished run (config.yaml, no metrics.json) is
+    told the command that continues it."""
+    root = Path(root)
+    if (root / "config.yaml").is_file() and not (root / "metrics.json").is_file():
+        return input_error(str(root), "run directory already exists and holds an unfinished run (interrupted?)",
+                           f"Continue it with `{resume_command(root)}`, pass --overwrite to start it over, "
+                           "or choose another --out")
+    return input_error(str(root), "run directory already exists",
+                       "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+
+
+FINGERPRINT_KEY = "dataset_fingerprint"
+_READ = object()  # "read the fingerprint from the dataset's manifest.json"
+
+
+def dataset_fingerprint(dataset: Path) -> str | None:
+    """The ``fingerprint`` of ``dataset/manifest.json`` (data/prepare.py: sources + prepare config); None
+    when the manifest has none or is unreadable (loading the dataset reports the latter)."""
+    try:
+        manifest = json.loads((Path(dataset) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest.get("fingerprint") if isinstance(manifest, dict) else None
+
+
+def short_fingerprint(fingerprint: str | None) -> str:
+    """The first 12 hex digits (enough to tell two apart, and to grep a manifest for), or ``none``."""
+    return fingerprint[:12] if fingerprint else "none"
+
+
 def split_run_config(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """A run's config.yaml dict → (the config dict, the dataset path or None)."""
+    """A run's config.yaml dict → (the config dict, the dataset path or None); the recorded
+    ``dataset_fingerprint`` is dropped (:meth:`RunDir.check_dataset` reads it)."""
     raw = dict(raw)
+    raw.pop(FINGERPRINT_KEY, None)
     return raw, raw.pop("dataset", None)
 
 
@@ -71,22 +117,29 @@ class RunDir:
         return self.root / f"{which}.pt"
 
     # --- creation and config --------------------------------------------------------------------
+    @staticmethod
+    def _config_dict(cfg: Config, dataset: Path, fingerprint: Any) -> dict[str, Any]:
+        fingerprint = dataset_fingerprint(dataset) if fingerprint is _READ else fingerprint
+        return {"dataset": str(Path(dataset).resolve()), FINGERPRINT_KEY: fingerprint, **cfg.to_dict()}
+
     @classmethod
-    def create(cls, root: Path, cfg: Config, dataset: Path, *, overwrite: bool) -> "RunDir":
-        """A fresh run directory holding only ``config.yaml`` (atomic; replaces an old one only with ``overwrite``)."""
+    def create(cls, root: Path, cfg: Config, dataset: Path, *, overwrite: bool,
+               fingerprint: str | None = _READ) -> "RunDir":
+        """A fresh run directory holding only ``config.yaml`` (atomic; replaces an old one only with ``overwrite``).
+
+        ``fingerprint``: that of the dataset as loaded for training (default: read from its manifest now)."""
         root = Path(root)
         if root.exists() and not overwrite:
-            raise input_error(str(root), "run directory already exists",
-                              "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+            raise exists_error(root)
         with atomic.atomic_dir(root, overwrite=True) as tmp:
-            atomic.write_yaml(tmp / "config.yaml", {"dataset": str(Path(dataset).resolve()), **cfg.to_dict()})
+            atomic.write_yaml(tmp / "config.yaml", cls._config_dict(cfg, dataset, fingerprint))
         return cls(root)
 
-    def write_config(self, cfg: Config, dataset: Path) -> None:
-        atomic.write_yaml(self.config, {"dataset": str(Path(dataset).resolve()), **cfg.to_dict()})
+    def write_config(self, cfg: Config, dataset: Path, fingerprint: str | None = _READ) -> None:
+        atomic.write_yaml(self.config, self._config_dict(cfg, dataset, fingerprint))
 
-    def read_config(self, overrides: list[str] = ()) -> tuple[Config, Path]:
-        """The run's :class:`Config` (plus ``overrides``) and its dataset directory."""
+    def _read_raw(self) -> dict[str, Any]:
+        """config.yaml as a dict (one-line errors for a missing, invalid or non-mapping file)."""
         if not self.config.is_file():
             raise input_error(str(self.root), "not a run directory (no config.yaml)",
                               "Pass the directory written by `m3bsr train --out`")
@@ -99,7 +152,36 @@ class RunDir:
                               "Fix the file or re-train the run") from None
         if not isinstance(loaded, dict):
             raise input_error(str(self.config), "not a mapping of config sections", "Fix the file or re-train the run")
-        raw, dataset = split_run_config(loaded)
+        return loaded
+
+    def check_dataset(self, dataset: Path, fix: str | None = None) -> None:
+        """Refuse (one-line :class:`InputError` naming both fingerprints and ``fix``) when ``dataset`` is not
+        the prepared data this run was trained on: its manifest's fingerprint differs from the one recorded
+        in config.yaml. A run without a recorded fingerprint (trained before it was recorded) gets one
+        ``UserWarning`` and passes. A dataset directory without manifest.json passes too: loading it gives
+        the error that says so."""
+        raw = self._read_raw()
+        if not (Path(dataset) / "manifest.json").is_file():
+            return
+        if FINGERPRINT_KEY not in raw:
+            warnings.warn(f"{self.config}: no {FINGERPRINT_KEY} recorded (trained before m3bsr recorded it), so "
+                          f"it cannot be checked that {dataset} still holds the data the run was trained on; "
+                          "using it as it is", stacklevel=2)
+            return
+        recorded, current = raw[FINGERPRINT_KEY], dataset_fingerprint(dataset)
+        if recorded == current:
+            return
+        raise input_error(
+            str(self.config),
+            f"the run was trained on prepared data with fingerprint {short_fingerprint(recorded)}, but "
+            f"{Path(dataset) / 'manifest.json'} now has fingerprint {short_fingerprint(current)} (re-prepared since?)",
+            fix or f"Re-train on the current data (m3bsr train --config {shlex.quote(str(self.config))} --out "
+                   f"NEW_RUN_DIR), or set dataset: in {self.config} to a directory prepared from the original "
+                   f"sources and settings (fingerprint {short_fingerprint(recorded)})")
+
+    def read_config(self, overrides: list[str] = ()) -> tuple[Config, Path]:
+        """The run's :class:`Config` (plus ``overrides``) and its dataset directory."""
+        raw, dataset = split_run_config(self._read_raw())
         if dataset is None:
             raise input_error(str(self.config), "no 'dataset' key", "Re-train the run")
         return build_config(raw, overrides=list(overrides), source=str(self.config)), Path(dataset)

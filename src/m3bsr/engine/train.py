@@ -7,6 +7,9 @@ last.pt (weights, optimizer, RNG states, epoch, best-so-far, patience) → fit. 
 ``train.max_epochs`` or ``train.patience`` epochs without improvement of the monitored valid
 metric, then test ONCE on the best checkpoint. A model with ``fit_once`` (pop) gets one pass over the
 training windows instead of epochs (no loss, no progress bar; ``stop_reason`` is ``fitted``).
+A run that recorded no epoch yet (Ctrl-C in epoch 1) has no last.pt: ``resume`` starts it over. Ctrl-C
+during ``fit`` raises :class:`~m3bsr.errors.Interrupted` naming the command that continues the run
+(logged to train.log too).
 
 Randomness: the model is initialised after :func:`m3bsr.seeding.seed_everything`; the batch order
 comes from a generator derived from the seed; dropout and model noise use the global torch RNG.
@@ -39,9 +42,11 @@ from m3bsr.engine import distributed
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
-from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, format_table
-from m3bsr.errors import InputError, input_error
-from m3bsr.models.registry import build_model
+from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, exists_error, format_table, resume_command
+from m3bsr.errors import InputError, Interrupted, input_error
+from m3bsr.models.base import DataMode
+from m3bsr.models.registry import build_model, model_class
+from m3bsr.models.sampled import NegativeSampler
 from m3bsr.seeding import derive_seed, seed_everything, torch_generator
 
 CHECKPOINT_FORMAT = 1
@@ -87,6 +92,7 @@ class Session:
     rank: int = 0
     world_size: int = 1
     ddp: bool = False  # loss_fn is a DistributedDataParallel module (gradients all-reduced)
+    mode: DataMode = DataMode("")  # what the model reads of the dataset (models/base.py ``data_mode``)
 
     @property
     def dist_ctx(self) -> distributed.DistContext:
@@ -115,32 +121,78 @@ def train(cfg: Config, dataset: Path, out: Path | None = None, *, overwrite: boo
     with distributed.process_group(device) as ctx:
         # Every rank decides before rank 0 creates the directory (else rank 1 would see it and fail).
         if distributed.any_rank(out.exists() and not overwrite, distributed.device_for(ctx, device)):
-            raise input_error(str(out), "run directory already exists",
-                              "Pass --overwrite to replace it, --resume to continue it, or choose another --out")
+            raise exists_error(out)
         session = open_session(cfg, Path(dataset), quiet=quiet, rank=ctx.rank, world_size=ctx.world_size,
                                local_rank=ctx.local_rank)
-        run = RunDir.create(out, cfg, dataset, overwrite=overwrite) if session.is_main else RunDir(out)
+        run = (RunDir.create(out, cfg, dataset, overwrite=overwrite, fingerprint=fingerprint(session))
+               if session.is_main else RunDir(out))
         distributed.barrier()
         attach_run(session, run)
-        return fit(session, TrainState())
+        return fit_or_explain(session, TrainState())
 
 
 def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> dict:
-    """Continue ``run_dir`` from last.pt (``overrides`` e.g. ``["train.max_epochs=20"]``); returns metrics.json."""
+    """Continue ``run_dir`` from last.pt (``overrides`` e.g. ``["train.max_epochs=20"]``); returns metrics.json.
+
+    A run stopped before it recorded any epoch (Ctrl-C in epoch 1) has nothing to lose: it starts over
+    from epoch 1 in the same directory, exactly as a fresh ``train`` of its config.yaml would."""
     run = RunDir(Path(run_dir))
     cfg, dataset = run.read_config(overrides)
+    run.check_dataset(dataset)  # re-prepared since: refused (the weights belong to the old data)
     with distributed.process_group(resolve_device(cfg.train.device)) as ctx:
-        checkpoint = load_checkpoint(run.checkpoint("last"))  # every rank reads the same last.pt
+        checkpoint, why = last_checkpoint(run)  # every rank reads the same last.pt
         session = open_session(cfg, dataset, quiet=quiet, rank=ctx.rank, world_size=ctx.world_size,
                                local_rank=ctx.local_rank)
-        state = restore(session, checkpoint, where=str(run.checkpoint("last")))
+        state = (TrainState() if checkpoint is None
+                 else restore(session, checkpoint, where=str(run.checkpoint("last"))))
         attach_run(session, run)
         if session.is_main:
-            run.write_config(cfg, dataset)
+            run.write_config(cfg, dataset, fingerprint(session))  # a run from before fingerprints gets one now
             run.write_records([r for r in run.read_records() if r["epoch"] <= state.epoch])
         distributed.barrier()
-        session.log(f"resumed from last.pt at epoch {state.epoch}", echo=True)
-        return fit(session, state)
+        session.log(f"resumed from last.pt at epoch {state.epoch}" if checkpoint is not None
+                    else f"resumed: {why}; starting over from epoch 1", echo=True)
+        return fit_or_explain(session, state)
+
+
+def last_checkpoint(run: RunDir) -> tuple[dict[str, Any] | None, str]:
+    """``(last.pt, "")``, or ``(None, why)`` for a run that recorded no epoch in metrics.jsonl (stopped in
+    epoch 1, before or while saving its first checkpoint): nothing is lost by starting that one over. A run
+    with recorded epochs and no usable last.pt stays an error (its epochs would be lost silently)."""
+    try:
+        return load_checkpoint(run.checkpoint("last")), ""
+    except InputError as e:
+        if run.read_records():
+            raise
+        if not run.checkpoint("last").exists():
+            return None, "no epoch was saved before the run stopped"
+        return None, f"no epoch was recorded before the run stopped ({e})"
+
+
+def fit_or_explain(s: Session, state: TrainState) -> dict:
+    """:func:`fit`; Ctrl-C becomes :class:`Interrupted` naming the command that continues the run, and
+    train.log records it."""
+    try:
+        return fit(s, state)
+    except KeyboardInterrupt as e:
+        if isinstance(e, Interrupted):
+            raise
+        raise interrupted(s, state) from None
+
+
+def interrupted(s: Session, state: TrainState) -> Interrupted:
+    """The message (and train.log line) of a run stopped by Ctrl-C: where it stopped, what is saved, and
+    the one command that continues it (or, before any saved epoch, starts it over)."""
+    saved = [r["epoch"] for r in s.run.read_records()]
+    command = resume_command(s.run.root)
+    if saved:
+        what = f"in epoch {state.epoch}, after epoch {saved[-1]} was saved"
+        fix = f"Continue it from epoch {saved[-1]} with: {command}"
+    else:
+        what = f"in epoch {state.epoch}, before any epoch was saved"
+        fix = f"Start it over with: {command}"
+    s.log(f"interrupted (Ctrl-C) {what}; {fix[0].lower()}{fix[1:]}")
+    return Interrupted(f"{s.run.root}: training interrupted (Ctrl-C) {what}. {fix}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -167,19 +219,44 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
     ctx = distributed.DistContext(rank, world_size, local_rank)
     device = distributed.device_for(ctx, resolve_device(cfg.train.device))
     ds = PreparedDataset.load(dataset)
+    catalogue = ds.catalogue()
+    mode = model_class(cfg.model.name).data_mode(cfg.model, catalogue, where=str(dataset))  # before any work
     builder = WindowBuilder(ds, cfg.data.max_len)
     seed_everything(cfg.seed)
-    model = build_model(cfg.model, ds.catalogue()).to(device)
+    model = build_model(cfg.model, catalogue).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
                  if params else None)  # e.g. pop: buffers only
+    train_windows = builder.train_windows()
+    attach_loss_sampler(cfg, model, train_windows, device)
     loss_fn = distributed.wrap(model, ctx, device)  # model.loss unless DDP has gradients to all-reduce
     return Session(cfg=cfg, dataset=Path(dataset), ds=ds, builder=builder, model=model,
                    loss_fn=torch.compile(loss_fn) if cfg.train.compile else loss_fn,
-                   optimizer=optimizer, device=device, train_windows=builder.train_windows(),
+                   optimizer=optimizer, device=device, train_windows=train_windows,
                    valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
                    shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
-                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module))
+                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module), mode=mode)
+
+
+def attach_loss_sampler(cfg: Config, model: torch.nn.Module, train_windows: WindowArrays,
+                        device: torch.device) -> None:
+    """``train.loss=sampled``: give the model a :class:`~m3bsr.models.sampled.NegativeSampler` over the
+    training targets' counts, with its own generator derived from the seed (the same negatives on
+    every DDP rank). ``full`` leaves it None. A model fitted once (pop) has no loss to sample."""
+    if cfg.train.loss != "sampled" or getattr(model, "fit_once", False):
+        return
+    reason = model.sampled_loss_error()
+    if reason:
+        raise input_error("train.loss=sampled", f"does not apply to model {cfg.model.name}: {reason}",
+                          "Or set train.loss=full")
+    model.loss_sampler = NegativeSampler.from_labels(
+        train_windows.labels, model.n_items, cfg.train.loss_negatives, alpha=cfg.train.loss_alpha,
+        replacement=cfg.train.loss_replacement, seed=cfg.seed, device=device)
+
+
+def fingerprint(session: Session) -> str | None:
+    """The fingerprint of the prepared dataset as loaded (manifest.json; None for one written without it)."""
+    return session.ds.manifest.get("fingerprint")
 
 
 def attach_run(session: Session, run: RunDir) -> None:
@@ -191,6 +268,9 @@ def rng_states(session: Session) -> dict[str, Any]:
     states = {"shuffle": session.shuffle_gen.get_state(), "torch": torch.get_rng_state()}
     if session.cuda:
         states["cuda"] = torch.cuda.get_rng_state_all()
+    sampler = getattr(session.model, "loss_sampler", None)
+    if sampler is not None and sampler.generator is not None:
+        states["negatives"] = sampler.generator.get_state()
     return states
 
 
@@ -204,6 +284,9 @@ def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt"
     torch.set_rng_state(rng["torch"])
     if session.cuda and "cuda" in rng:
         torch.cuda.set_rng_state_all(rng["cuda"])
+    sampler = getattr(session.model, "loss_sampler", None)
+    if sampler is not None and sampler.generator is not None and "negatives" in rng:
+        sampler.generator.set_state(rng["negatives"])
     return TrainState(**checkpoint["state"])
 
 
@@ -213,7 +296,13 @@ def restore(session: Session, checkpoint: dict[str, Any], where: str = "last.pt"
 def fit(s: Session, state: TrainState) -> dict:
     """Epochs until max_epochs or patience (one pass for a ``fit_once`` model), then test once on the best."""
     s.log(f"model {s.cfg.model.name} on {s.dataset} ({len(s.train_windows)} windows, "
-          f"{s.train_windows.n_targets} targets) device {s.device}", echo=True)  # says which model is trained
+          f"{s.train_windows.n_targets} targets) device {s.device}, reads {s.mode.mode}",
+          echo=True)  # says which model is trained, on what
+    if s.mode.notice:
+        s.log(f"notice: {s.mode.notice}", echo=True)
+    sampler = getattr(s.model, "loss_sampler", None)
+    if sampler is not None:
+        s.log(f"loss sampled: {sampler.describe()}", echo=True)
     once = fits_once(s)
     while not (state.epoch >= 1 if once else should_stop(s.cfg, state)):
         state.epoch += 1
@@ -389,6 +478,7 @@ def finish(s: Session, state: TrainState) -> dict:
     summary = {"valid": state.best_valid, "test": test, "best_epoch": state.best_epoch, "epochs": state.epoch,
                "seconds_per_epoch": float(np.mean([r["seconds"] for r in records])) if records else 0.0,
                "seed": s.cfg.seed, "model": s.cfg.model.name, "dataset": str(s.dataset),
+               "dataset_fingerprint": fingerprint(s), "mode": s.mode.mode,
                "targets_per_second": float(np.mean([r["targets_per_second"] for r in records])) if records else 0.0,
                "skipped_batches": state.skipped_batches,
                "stop_reason": stop_reason(s, state)}

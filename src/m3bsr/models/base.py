@@ -14,12 +14,25 @@ The engine, evaluation, comparison and serving know nothing else about a model:
 * ``history_bonus(reps, batch) -> (items [B, P, H], bonus [B, P, H]) | None`` (optional): extra
   scores for items of each query's own history (a repeat head); the engine adds them to the
   scores of those items everywhere scores are read (loss, both protocols, serving). Duplicates add up.
+* ``data_mode(cfg, catalogue) -> DataMode`` (classmethod, before the model is built): what the model
+  reads of this dataset, in a few words, and a notice when parts of it are inert (e.g. behavior-aware
+  parts on a single-behavior dataset); an :class:`~m3bsr.errors.InputError` naming the key to set
+  when it cannot run on it. The engine records the mode in metrics.json; ``compare`` tabulates it.
+* ``output_rows(items) -> (W [C, d], b [C] | None)`` (optional): the rows of ``output_layer()`` for
+  item ids [C]; the sampled loss reads only these. The default indexes ``output_layer()``; a model
+  whose table is computed (item vectors from content) overrides it to compute only those rows.
+
+Training loss (``train.loss``): the engine leaves ``loss_sampler`` None for the full softmax, or sets
+a :class:`~m3bsr.models.sampled.NegativeSampler` for the sampled one; :meth:`main_loss` (and any
+model cross-entropy over the catalogue, through :meth:`item_loss`) then scores each query's positive
+against the batch's shared negatives with the logQ correction (:mod:`m3bsr.models.sampled`).
 
 Models return raw scores; the engine masks padding and history and computes metrics.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -28,6 +41,20 @@ from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
+from m3bsr.models.sampled import NegativeSampler, sampled_cross_entropy
+
+
+SINGLE_BEHAVIOR_MODE = "target (single-behavior data)"
+"""The mode of every model that runs on a dataset without an auxiliary behavior."""
+
+
+@dataclass(frozen=True)
+class DataMode:
+    """How a model reads a dataset: ``mode`` in a few words (metrics.json, compare's table) and a
+    ``notice`` printed once when training starts, or None."""
+
+    mode: str
+    notice: str | None = None
 
 
 class SequentialRecommender(nn.Module):
@@ -35,11 +62,25 @@ class SequentialRecommender(nn.Module):
     :meth:`output_layer` (or override :meth:`score`)."""
 
     config_class: ClassVar[type[BaseModelConfig]] = BaseModelConfig
+    # train.loss=sampled: set by the engine (not a parameter or buffer: checkpoints are unchanged).
+    loss_sampler: NegativeSampler | None = None
 
     def __init__(self, cfg: BaseModelConfig, catalogue: Catalogue):
         super().__init__()
         self.cfg = cfg
         self.n_items = catalogue.n_items
+
+    @classmethod
+    def data_mode(cls, cfg: BaseModelConfig, catalogue: Catalogue, where: str = "the dataset") -> DataMode:
+        """What this model reads of ``catalogue``'s dataset (``where`` names it in errors and notices).
+
+        The default suits single-stream models: with a ``model.input`` key, ``merged`` reads the
+        auxiliary and target events by time and ``target`` the target events; without one, the target
+        events. On a single-behavior dataset both read the target stream, and nothing is inert."""
+        if catalogue.single_behavior:
+            return DataMode(SINGLE_BEHAVIOR_MODE)
+        merged = getattr(cfg, "input", "target") == "merged"
+        return DataMode("merged: auxiliary + target" if merged else "target only")
 
     # --- to implement ---------------------------------------------------------------------------
     def represent(self, batch: SequenceBatch) -> Tensor:
@@ -66,6 +107,32 @@ class SequentialRecommender(nn.Module):
         out = torch.einsum("bpd,bpcd->bpc", reps, w)
         return out + bias[items] if bias is not None else out
 
+    def output_rows(self, items: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(W [C, d], b [C] or None)``: the rows of :meth:`output_layer` for item ids ``items`` [C]."""
+        weight, bias = self.output_layer()
+        return weight[items], (bias[items] if bias is not None else None)
+
+    def sampled_scores(self, reps: Tensor, labels: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw scores for the sampled loss: ``reps`` [N, d] against each query's own positive ``labels``
+        [N] → [N], and against the shared ``negatives`` [S] → [N, S].
+
+        With the base linear :meth:`score` (Eq. 23) the rows of positives and negatives are read
+        once through :meth:`output_rows`; a model that overrides :meth:`score` is asked through it."""
+        if type(self).score is not SequentialRecommender.score:
+            pos = self.score(reps[:, None, :], labels[:, None, None])[:, 0, 0]  # [N]
+            return pos, self.score(reps[None], negatives)[0]  # [N, S]
+        n = len(labels)
+        weight, bias = self.output_rows(torch.cat([labels, negatives]))  # [N + S, d], [N + S]
+        pos = (reps.float() * weight[:n].float()).sum(-1)  # [N]; float32 under autocast too
+        neg = F.linear(reps, weight[n:])  # [N, S]
+        if bias is not None:
+            pos, neg = pos + bias[:n], neg + bias[n:]
+        return pos, neg
+
+    def sampled_loss_error(self) -> str | None:
+        """Why ``train.loss=sampled`` cannot apply to this model as configured (None: it can)."""
+        return None
+
     def history_bonus(self, reps: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor] | None:
         """Optional scores added to the items of each query's own history: ``(items [B, P, H],
         bonus [B, P, H])``, item 0 = no entry. None (the default): no bonus."""
@@ -77,14 +144,26 @@ class SequentialRecommender(nn.Module):
         return add_bonus(self.score(reps), self.history_bonus(reps, batch))
 
     def main_loss(self, reps: Tensor, batch: SequenceBatch) -> Tensor:
-        """Eq. 24: mean cross-entropy of the true next target item over the query positions."""
+        """Eq. 24: mean cross-entropy of the true next target item over the query positions.
+
+        With a ``loss_sampler`` (``train.loss=sampled``): its sampled-softmax estimate, the history
+        bonus applied to the positive and to every sampled item (:func:`~m3bsr.models.sampled.sampled_logits`)."""
         mask = batch.query_mask
-        logits = self.score(reps[mask])  # [N, I+1]
         bonus = self.history_bonus(reps, batch)
+        return self.item_loss(reps[mask], batch.labels[mask],
+                              None if bonus is None else (bonus[0][mask], bonus[1][mask]))
+
+    def item_loss(self, reps: Tensor, labels: Tensor, bonus: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Mean cross-entropy of item ``labels`` [N] given query vectors ``reps`` [N, d] (and their history
+        ``bonus`` ([N, H], [N, H]) or None): over the whole catalogue (padding excluded), or sampled
+        with the ``loss_sampler`` when one is set."""
+        if self.loss_sampler is not None:
+            return sampled_cross_entropy(self, reps, labels, self.loss_sampler, bonus)
+        logits = self.score(reps)  # [N, I+1]
         if bonus is not None:
-            logits = logits.scatter_add(1, bonus[0][mask], bonus[1][mask].to(logits.dtype))
+            logits = logits.scatter_add(1, bonus[0], bonus[1].to(logits.dtype))
         logits[:, 0] = float("-inf")  # padding is never a valid answer
-        return F.cross_entropy(logits.float(), batch.labels[mask])
+        return F.cross_entropy(logits.float(), labels)
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Named loss terms; the default is the main cross-entropy only."""

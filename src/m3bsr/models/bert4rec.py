@@ -107,9 +107,6 @@ class BERT4Rec(SequentialRecommender):
         masked[empty.nonzero(as_tuple=True)[0], last[empty]] = True
         tokens = torch.where(masked, torch.full_like(items, self.mask_id), items)
         h = self.encode_tokens(tokens)  # [B, L, d]
-        weight, bias = self.output_layer()
-        logits = F.linear(self.head(h[masked]), weight, bias).float()  # [M, I+1]
-        logits[:, 0] = float("-inf")
-        if logits.shape[0] == 0:
+        if not bool(masked.any()):
             return {"main": h.sum() * 0.0}
-        return {"main": F.cross_entropy(logits, items[masked])}
+        return {"main": self.item_loss(self.head(h[masked]), items[masked])}  # [M, d]: full or sampled

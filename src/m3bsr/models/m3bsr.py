@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from m3bsr.batch import PAD, PAD_TIME, Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.errors import input_error
-from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
 from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor, causal_mean_pool
@@ -257,6 +257,30 @@ class M3BSR(SequentialRecommender):
 
     config_class = M3BSRConfig
 
+    @classmethod
+    def data_mode(cls, cfg: M3BSRConfig, catalogue: Catalogue, where: str = "the dataset") -> DataMode:
+        """Multi-behavior. On a single-behavior dataset only the backbone runs (docs/model.md
+        "Single-behavior datasets"): the paper's cross common expert, specific experts and CDMD-B are
+        built on an auxiliary stream, so a config that has them is a one-line error naming the key."""
+        parts = ("merged backbone" if cfg.no_specific_experts else
+                 "backbone + specific experts" if cfg.common_expert == "merged" else "paper experts")
+        if not catalogue.single_behavior:
+            return DataMode(f"multi-behavior: {parts}")
+        if cfg.common_expert == "cross":
+            key, fix = (("model.preset=paper", "Use the default preset (drop model.preset=paper)")
+                        if cfg.preset == "paper" else ("model.common_expert=cross", "Set model.preset=default"))
+            raise input_error(key, f"the common expert attends from auxiliary to target events (Eq. 16-17) and "
+                              f"{where} has no auxiliary behavior (single-behavior)",
+                              f"{fix}: its merged backbone reads the target stream alone")
+        if not cfg.no_specific_experts:
+            raise input_error("model.no_specific_experts=false", "the specific experts and CDMD-B come in "
+                              f"auxiliary/target pairs (Eq. 11-19) and {where} has no auxiliary behavior "
+                              "(single-behavior)", "Set model.no_specific_experts=true (the default preset): "
+                              "the merged backbone reads the target stream alone")
+        return DataMode(SINGLE_BEHAVIOR_MODE, f"m3bsr: {where} has no auxiliary behavior: the merged backbone "
+                        "reads the target stream alone; its behavior embedding and the repeat head's behavior "
+                        "bias have a single behavior")
+
     def __init__(self, cfg: M3BSRConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)
         d, h, p = cfg.hidden_size, cfg.n_heads, cfg.dropout
@@ -333,6 +357,14 @@ class M3BSR(SequentialRecommender):
         return merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times, batch.tgt_items,
                              batch.tgt_times, self.target_behavior)
 
+    def item_vectors(self, items: Tensor) -> Tensor:
+        """``ItemInput.item_vector`` of ``items`` [*] → [*, d]. With content in the item vector and more
+        tokens than the catalogue has items, the catalogue is projected once and gathered: the same
+        vectors for a fraction of the FLOPs (a 1,664-d feature projected per token dominated a step)."""
+        if self.input.item_content and items.numel() > self.n_items + 1:
+            return self.input.item_vector(torch.arange(self.n_items + 1, device=items.device))[items]
+        return self.input.item_vector(items)
+
     def _backbone(self, batch: SequenceBatch) -> Tensor:
         """The merged common expert: ``x_j = LN(drop(√d · e_item + pos_j + behavior_j))``, a causal
         Transformer (an event sees events up to its own time), read at the latest event strictly
@@ -341,7 +373,7 @@ class M3BSR(SequentialRecommender):
         B, L = items.shape
         self._check_length(L)
         pos = self.pos_merged(torch.arange(L, device=items.device))  # [L, d]
-        x = self.input.item_vector(items) * math.sqrt(self.cfg.hidden_size) + pos + self.behavior(behaviors)
+        x = self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos + self.behavior(behaviors)
         x = self.merged_ln(self.drop(x))  # [B, L, d]
         index, found = latest_index_before(times, batch.query_times)  # [B, P]
         rows_only = not self.training and index.shape[1] < L
@@ -392,13 +424,20 @@ class M3BSR(SequentialRecommender):
         items = torch.arange(self.n_items + 1, device=self.out_bias.device)
         return self.input.item_vector(items), self.out_bias
 
+    def output_rows(self, items: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Rows of :meth:`output_layer` for ``items`` [C] → ``([C, d], [C])``; the tied scorer computes
+        only those items' vectors (the sampled loss reads S + N rows, not the catalogue's content)."""
+        if self.cfg.scorer == "linear":
+            return self.out.weight[items], self.out.bias[items]
+        return self.input.item_vector(items), self.out_bias[items]
+
     def history_bonus(self, reps: Tensor, batch: SequenceBatch) -> tuple[Tensor, Tensor] | None:
         """Repeat head (docs/model.md): the items of both streams before each query and their bonus,
         ``([B, P, H], [B, P, H])``; None without ``repeat``."""
         if self.repeat is None:
             return None
         items, behaviors, times = self._merged_stream(trim_padding(batch))
-        bonus = self.repeat(reps, self.input.item_vector(items), behaviors, times, batch.query_times)
+        bonus = self.repeat(reps, self.item_vectors(items), behaviors, times, batch.query_times)
         return items.unsqueeze(1).expand_as(bonus), bonus
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
-from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
 from m3bsr.models.layers import gather_latest_before, merge_by_time, time_mask
 
 
@@ -115,6 +115,15 @@ class MBSTR(SequentialRecommender):
 
     config_class = MBSTRConfig
 
+    @classmethod
+    def data_mode(cls, cfg: MBSTRConfig, catalogue: Catalogue, where: str = "the dataset") -> DataMode:
+        """Multi-behavior; on a single-behavior dataset it runs, with its behavior-aware parts inert."""
+        if not catalogue.single_behavior:
+            return DataMode("multi-behavior: behavior-aware, merged")
+        return DataMode(SINGLE_BEHAVIOR_MODE, f"mbstr: {where} has one behavior, so the behavior-specific "
+                        "weights and attention biases are shared by every token and the auxiliary-behavior loss "
+                        "is off: MB-STR runs as a Transformer with relative-distance biases on the target stream")
+
     def __init__(self, cfg: MBSTRConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)
         d, nb = cfg.hidden_size, catalogue.n_behaviors
@@ -170,18 +179,14 @@ class MBSTR(SequentialRecommender):
         mask = batch.query_mask
         tgt = torch.full((int(mask.sum()),), self.target_behavior, device=h.device)
         reps = self.behavior_head(last[mask], tgt)  # [N, d]
-        weight, _ = self.output_layer()
-        logits = F.linear(reps, weight).float()
-        logits[:, 0] = float("-inf")
-        terms = {"main": F.cross_entropy(logits, batch.labels[mask])}
+        terms = {"main": self.item_loss(reps, batch.labels[mask])}  # full or sampled (train.loss)
         if self.cfg.aux_weight > 0:
             # Token i predicts token i+1 when that one is an auxiliary event (its own behavior head).
             nxt_items, nxt_beh = items[:, 1:], beh[:, 1:]
             sel = (nxt_items != 0) & (nxt_beh != self.target_behavior)
             if sel.any():
-                aux = F.linear(self.behavior_head(h[:, :-1][sel], nxt_beh[sel]), weight).float()
-                aux[:, 0] = float("-inf")
-                terms["aux"] = self.cfg.aux_weight * F.cross_entropy(aux, nxt_items[sel])
+                aux = self.behavior_head(h[:, :-1][sel], nxt_beh[sel])  # [M, d]
+                terms["aux"] = self.cfg.aux_weight * self.item_loss(aux, nxt_items[sel])
             else:
                 terms["aux"] = h.sum() * 0.0
         return terms

@@ -49,5 +49,9 @@ def model_config_class(name: str) -> type[BaseModelConfig]:
 
 
 def build_model(cfg: BaseModelConfig, catalogue: Catalogue):
-    """Instantiate the model named by ``cfg.name`` for ``catalogue``."""
-    return model_class(cfg.name)(cfg, catalogue)
+    """Instantiate the model named by ``cfg.name`` for ``catalogue``; an :class:`InputError` when the
+    model cannot run on that dataset (its ``data_mode``, e.g. M3BSR's paper preset without an auxiliary
+    behavior)."""
+    cls = model_class(cfg.name)
+    cls.data_mode(cfg, catalogue)
+    return cls(cfg, catalogue)

@@ -116,6 +116,11 @@ class SASRec(SequentialRecommender):
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
         return self.item_emb.weight, None
 
+    def sampled_loss_error(self) -> str | None:
+        if self.cfg.loss == "bce":
+            return "model.loss=bce is its own sampled loss (one negative per query); set model.loss=ce"
+        return None
+
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         reps = self.represent(batch)
         if self.cfg.loss == "ce":

@@ -93,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from m3bsr.serving.app import BatchingConfig, create_app
+    from m3bsr.serving.app import MAX_BODY_BYTES, BatchingConfig, create_app
     from m3bsr.serving.recommend import Recommender
 
     if not 0 <= args.port <= 65535:
@@ -108,8 +108,11 @@ def _serve(args: argparse.Namespace) -> int:
         first = e.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-")
         raise input_error(f"{flag} {first['input']}", first["msg"], "See m3bsr serve --help") from None
+    max_body_bytes = MAX_BODY_BYTES if args.max_body_kb is None else args.max_body_kb * 1024
+    if max_body_bytes < 1024:
+        raise input_error(f"--max-body-kb {args.max_body_kb}", "must be at least 1", "Pass a positive size in KiB")
     torch.set_num_threads(threads)
-    app = create_app(Recommender.from_run(args.run_dir, compile=args.compile), batching)
+    app = create_app(Recommender.from_run(args.run_dir, compile=args.compile), batching, max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                 access_log=not args.quiet)
     return 0

@@ -19,7 +19,7 @@ import torch
 from m3bsr.config import Config
 from m3bsr.data.batches import History, WindowBuilder, latest_windows, user_history
 from m3bsr.data.prepared import PreparedDataset
-from m3bsr.errors import input_error
+from m3bsr.errors import clip, input_error
 from m3bsr.models.base import add_bonus
 
 MAX_SCORE_CELLS = 2**25
@@ -110,7 +110,7 @@ class Recommender:
         """Every event of a known user (original id). Unknown → :class:`InputError`."""
         dense = self._user_ids.get(str(user_id))
         if dense is None:
-            raise input_error(f"{where} {str(user_id)!r}", "unknown user (not in the run's prepared dataset)",
+            raise input_error(f"{where} {clip(str(user_id))!r}", "unknown user (not in the run's prepared dataset)",
                               "Use an original user id from the training data, or send a raw history")
         return user_history(self.builder, dense)
 
@@ -131,10 +131,10 @@ class Recommender:
         for j, ev in enumerate(events):
             item = self._item_ids.get(str(ev.item))
             if item is None:
-                raise input_error(f"{where}[{j}].item {str(ev.item)!r}", "unknown item (not in the run's catalogue)",
-                                  "Use original item ids from the training data")
+                raise input_error(f"{where}[{j}].item {clip(str(ev.item))!r}", "unknown item (not in the run's "
+                                  "catalogue)", "Use original item ids from the training data")
             if ev.behavior not in self.behaviors:
-                raise input_error(f"{where}[{j}].behavior {ev.behavior!r}", "unknown behavior",
+                raise input_error(f"{where}[{j}].behavior {clip(str(ev.behavior))!r}", "unknown behavior",
                                   f"Use one of: {', '.join(self.behaviors)}")
             items[j] = item
             streams[j], behaviors[j] = self.behaviors[ev.behavior]

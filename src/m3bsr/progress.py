@@ -1,0 +1,53 @@
+"""Where a sequence of runs stands (``compare``, ``sweep``): ``[4/6] sasrec seed 1 · ETA 2m10s``.
+
+Plain text lines, meant to be printed even under ``--quiet``. The ETA is the mean duration of the
+runs that trained or resumed in this call, times the runs left; runs reused from an earlier call
+take no time and say nothing about the others, so they do not count.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def duration(seconds: float) -> str:
+    """``42`` → ``"42s"``, ``130`` → ``"2m10s"``, ``7260`` → ``"2h01m"``."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class RunProgress:
+    """Counts runs through :meth:`start` / :meth:`finish` and words each start as one line."""
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic):
+        self.total, self.clock = total, clock
+        self.done = 0
+        self.durations: list[float] = []
+        self.t0 = clock()
+        self._started: float | None = None
+
+    def start(self, label: str) -> str:
+        """The line for the next run, e.g. ``[4/6] sasrec seed 1 · ETA 2m10s (40s per run)``."""
+        self._started = self.clock()
+        line = f"[{self.done + 1}/{self.total}] {label}"
+        if self.durations:
+            per_run = sum(self.durations) / len(self.durations)
+            line += f" · ETA {duration(per_run * (self.total - self.done))} ({duration(per_run)} per run)"
+        return line
+
+    def finish(self, trained: bool) -> None:
+        """The run started last is done; ``trained`` = it trained or resumed (not reused)."""
+        if trained and self._started is not None:
+            self.durations.append(self.clock() - self._started)
+        self.done += 1
+        self._started = None
+
+    def summary(self, what: str = "runs") -> str:
+        """``"6 runs done in 4m02s (4 trained, 2 reused)"``."""
+        return (f"{self.done} {what} done in {duration(self.clock() - self.t0)} ({len(self.durations)} trained, "
+                f"{self.done - len(self.durations)} reused)")
