@@ -180,6 +180,10 @@ def test_preset_entries_are_rows_of_their_own():
     assert (default.preset, default.id_input, default.common_expert) == ("default", "full", "merged")
     assert cfgs["m3bsr@paper"].train.lr == 0.003 and cfgs["m3bsr"].train.lr == 0.001
     assert compare.reference_model(models) == "m3bsr"
+    assert compare.baselines(models, "m3bsr") == ["sasrec"]  # its own presets are not baselines
+    mean = pd.DataFrame({"NDCG@10": [0.5, 0.9, 0.4]}, index=pd.MultiIndex.from_tuples(
+        [("test", "full", m) for m in models], names=["split", "protocol", "model"]))
+    assert compare.best_baseline(mean, "m3bsr", "full") == "sasrec"
     with pytest.raises(InputError, match="listed twice"):
         compare.parse_models("m3bsr@paper,M3BSR@paper")
     with pytest.raises(InputError, match="sasrec has no presets"):

@@ -338,9 +338,17 @@ def significance(out: Path, reference: str, baseline: str, seeds: list[int], pro
             "ttest_p": float(stats.ttest_rel(a, b).pvalue) if len(diff) > 1 else float("nan")}
 
 
+def baselines(models: list[str], reference: str) -> list[str]:
+    """The entries the reference is compared with: every other model, not its own presets
+    (``m3bsr@paper`` is not a baseline of ``m3bsr``)."""
+    own = split_entry(reference)[0]
+    return [m for m in models if split_entry(m)[0] != own]
+
+
 def best_baseline(mean: pd.DataFrame, reference: str, protocol: str, metric: str = "NDCG@10") -> str | None:
-    """The non-reference model with the highest mean test ``metric`` under ``protocol``."""
-    col = mean.loc[("test", protocol), metric].drop(reference, errors="ignore")
+    """The baseline (:func:`baselines`) with the highest mean test ``metric`` under ``protocol``."""
+    col = mean.loc[("test", protocol), metric]
+    col = col[baselines([str(m) for m in col.index], reference)]
     return None if col.empty else str(col.idxmax())
 
 
@@ -372,7 +380,7 @@ def markdown(table: pd.DataFrame, sig: list[dict[str, Any]], models: list[str], 
                     cell = f"{m.loc[model, n]:.4f} ± {s.loc[model, n]:.4f}"
                     cells.append(f"**{cell}**" if m.loc[model, n] == m[n].max() else cell)
                 lines.append(f"| {model} | " + " | ".join(cells) + " |")
-            others = [x for x in models if x != ref]
+            others = baselines(models, ref)
             if split == "test" and others:
                 gains = []
                 for n in names:
