@@ -11,7 +11,7 @@ Two presets (``model.preset``, docs/model.md "presets"): ``paper`` is the printe
 merged by time, with one full-width item table (id + gated content) shared by input and scoring —
 plus a repeat head. The paper's parts (denoisers, specific experts, disentanglement) join it as
 branches whose gates start at zero with ``no_specific_experts=false``; they are off by default
-because on validation they did not pay for their 3-5x cost (docs/results.md "ladder").
+because on validation they did not pay for their 1.6-4.5x cost (docs/results.md "ladder").
 """
 
 from __future__ import annotations
