@@ -70,6 +70,12 @@ $M3 compare --dataset "$OUT/data/retail_rocket" --models m3bsr,m3bsr@paper,pop,g
 $M3 compare --dataset "$OUT/data/tmall" --models m3bsr,pop,sasrec --seeds 0 --config $C/table1_tmall.yaml \
     --out "$OUT/table1/tmall" --quiet
 
+# single-behavior benchmark (docs/results.md section 7): ml100k favors only, clicks dropped
+$M3 prepare "$DATA/ml100k_mm" --preset ml100k_mm --set 'behaviors.auxiliary=[]' --set 'behaviors.ignore=[click]' \
+    --set features.text="$TEXT" --set features.image="$IMAGE" --out "$OUT/data/ml100k_favor"
+$M3 compare --dataset "$OUT/data/ml100k_favor" --models m3bsr,pop,gru4rec,sasrec,bert4rec,mmsasrec --seeds 0,1,2 \
+    --config $C/table1.yaml --out "$OUT/table1/ml100k_favor" --quiet
+
 # ---------------------------------------------------------------- 3. the same checkpoints, whole history masked
 for run in "$OUT"/table1/*/runs/*; do
   $M3 evaluate "$run" --exclude all --json "$run/exclude_all.json" --quiet > /dev/null
