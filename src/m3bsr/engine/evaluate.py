@@ -74,6 +74,15 @@ def _chunk_scores(model, q: Tensor, start: int, end: int, table: Tensor | None, 
     return torch.mm(q, table[start:end].T, out=out)
 
 
+def _group_by_chunk(rows: Tensor, items: Tensor, chunk: int, n_all: int, *values: Tensor) -> tuple:
+    """(row, item) pairs [M] (and any per-pair ``values`` [M]) sorted by the item chunk they fall in,
+    with ``bounds``: chunk k's pairs are ``[bounds[k], bounds[k + 1])``. Returns
+    ``(rows, items, bounds, *values)``; the order within a chunk is kept (stable sort)."""
+    key, order = torch.sort(items // chunk, stable=True)
+    bounds = torch.searchsorted(key, torch.arange(-(-n_all // chunk) + 1, device=key.device)).tolist()
+    return (rows[order], items[order], bounds, *(v[order] for v in values))
+
+
 def full_ranks(model, reps: Tensor, batch, chunk: int, table: Tensor | None = None) -> Tensor:
     """[N] pessimistic ranks of the positive over items ``1..n_items`` minus ``batch.exclude_items``.
 
@@ -101,19 +110,14 @@ def full_ranks(model, reps: Tensor, batch, chunk: int, table: Tensor | None = No
         b_items, b_vals = bonus[0][batch.query_mask], bonus[1][batch.query_mask].float()  # [N, H]
         pos += candidate_bonus(labels[:, None], (b_items, b_vals))[:, 0]
         br, bc = (b_items != 0).nonzero(as_tuple=True)
-        b_item, b_val = b_items[br, bc], b_vals[br, bc]
-        b_key, b_order = torch.sort(b_item // chunk, stable=True)
-        br, b_item, b_val = br[b_order], b_item[b_order], b_val[b_order]
-        b_bounds = torch.searchsorted(b_key, torch.arange(-(-n_all // chunk) + 1, device=b_key.device)).tolist()    # (row, item) pairs never counted, grouped by chunk once: excluded items (never the positive),
+        br, b_item, b_bounds, b_val = _group_by_chunk(br, b_items[br, bc], chunk, n_all, b_vals[br, bc])
+    # (row, item) pairs never counted, grouped by chunk once: excluded items (never the positive),
     # the positive itself and the padding item 0.
     exclude = batch.exclude_items[rows] if batch.exclude_items is not None else labels.new_zeros(n, 0)  # [N, X]
     r, c = ((exclude != 0) & (exclude != labels[:, None])).nonzero(as_tuple=True)
     every = torch.arange(n, device=reps.device)
-    item = torch.cat([exclude[r, c], labels, torch.zeros_like(labels)])
-    r = torch.cat([r, every, every])
-    key, order = torch.sort(item // chunk, stable=True)
-    r, item = r[order], item[order]
-    bounds = torch.searchsorted(key, torch.arange(-(-n_all // chunk) + 1, device=key.device)).tolist()
+    r, item, bounds = _group_by_chunk(torch.cat([r, every, every]),
+                                      torch.cat([exclude[r, c], labels, torch.zeros_like(labels)]), chunk, n_all)
     counts = torch.zeros(n, dtype=torch.float64, device=reps.device)  # float sums of 0/1: exact
     # One buffer for every chunk: a fresh multi-MB tensor per chunk measured ~1.7x slower on CPU.
     buf = q.new_empty(n * min(chunk, n_all)) if table is not None else None
