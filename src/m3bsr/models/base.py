@@ -159,9 +159,7 @@ class SequentialRecommender(nn.Module):
         with the ``loss_sampler`` when one is set."""
         if self.loss_sampler is not None:
             return sampled_cross_entropy(self, reps, labels, self.loss_sampler, bonus)
-        logits = self.score(reps)  # [N, I+1]
-        if bonus is not None:
-            logits = logits.scatter_add(1, bonus[0], bonus[1].to(logits.dtype))
+        logits = add_bonus(self.score(reps), bonus)  # [N, I+1]
         logits[:, 0] = float("-inf")  # padding is never a valid answer
         return F.cross_entropy(logits.float(), labels)
 
