@@ -25,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-SHARED = HERE.parent.parent / "shared" / "data"  # /work/shared/data next to the checkout, when present
+SHARED = HERE.parent.parent / "shared" / "data"  # ../shared/data next to the checkout, when present
 
 
 def worker(spec: dict, log) -> dict:
