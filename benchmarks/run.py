@@ -8,7 +8,7 @@ Every measurement runs in its own process (``bench_worker.py``) so its peak resi
 own; M3BSR and SASRec runs alternate (sasrec, m3bsr, sasrec, m3bsr, ...) so a noisy shared machine
 hits both alike, and the ratio is taken from runs of the same invocation. Seconds per epoch are
 the mean step time x the steps of one epoch (a fixed number of shuffled steps is timed, not a
-whole epoch). Writes ``benchmarks/results/<host>-<date>.json`` and ``<host>-<date>-*.png``.
+whole epoch). Writes ``reproduce/results/<host>-<date>.json`` and ``<host>-<date>-*.png`` (``--out``).
 """
 
 from __future__ import annotations
@@ -251,7 +251,8 @@ def main() -> None:
     p.add_argument("--curve-steps", type=int, default=2, help="timed steps per scaling-curve point")
     p.add_argument("--work", default=os.environ.get("M3BSR_BENCH_WORK", "/tmp/m3bsr-bench"),
                    help="where generated datasets are cached")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--out", default=str(HERE.parent / "reproduce" / "results"),
+                   help="where the JSON (and PNG) results go")
     args = p.parse_args()
     from m3bsr.atomic import write_json
 

@@ -3,7 +3,7 @@
 # on two job queues, and some ran later than their place here (the comments say which). Every run is
 # seeded, so the order does not change a metric.
 #
-#   bash benchmarks/reproduce_results.sh [OUT]      (OUT defaults to /work/results; never inside the repo)
+#   bash reproduce/reproduce_results.sh [OUT]      (OUT defaults to /work/results; never inside the repo)
 #
 # Needs the real data under ../shared/data (docs/data.md lists its layout) and the offline item
 # features of ml100k_mm (docs/features.md; produced once by `m3bsr features`, then reused):
@@ -149,9 +149,9 @@ $TIME $M3 sweep --dataset "$OUT/data/ml100k_mm" --model m3bsr --grid "model.T_m=
     --set model.dropout=0.5 --set train.weight_decay=1e-4 $M3REG --out "$OUT/sw/m3_combo" --quiet
 
 # ---------------------------------------------------------------- 7. Table 1, tuned: every model at its validation-best setting
-# benchmarks/configs/ml100k_tuned.yaml holds each model's winner from step 6 (per-model hidden size, lr,
+# reproduce/configs/ml100k_tuned.yaml holds each model's winner from step 6 (per-model hidden size, lr,
 # and M3BSR's regularisation); the epoch budget, early stopping and batch size are shared.
-TUNED="--config benchmarks/configs/ml100k_tuned.yaml"
+TUNED="--config reproduce/configs/ml100k_tuned.yaml"
 $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models m3bsr --seeds 0,1,2 $TUNED --out "$OUT/ml100k_tuned" --quiet
 $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models pop,gru4rec,sasrec,bert4rec,mbstr,mmsasrec --seeds 0,1,2 \
     $TUNED --out "$OUT/ml100k_tuned" --quiet

@@ -3,7 +3,7 @@
 # the same checkpoints under the whole-history mask. Every run is seeded; the same machine gives the
 # same metrics. Measured with two to four jobs sharing 2 cores, one thread each (about 5 CPU-hours).
 #
-#   bash benchmarks/reproduce_presets.sh [OUT]      (OUT defaults to /work/results-presets; never in the repo)
+#   bash reproduce/reproduce_presets.sh [OUT]      (OUT defaults to /work/results-presets; never in the repo)
 #
 # Needs the real data under ../shared/data (docs/data.md) and the offline ml100k_mm features
 # (docs/features.md): TEXT=.../ml100k_text.parquet, IMAGE=.../ml100k_image.parquet.
@@ -61,7 +61,7 @@ ladder ml100k_mm R1g-raw m3bsr "${ROW[R1g-raw]}" 64 0.003
 # Tables: the valid NDCG@10 of each run is in its metrics.json ("valid" → "full" / "sampled").
 
 # ---------------------------------------------------------------- 2. Table 1 (test, once)
-C=benchmarks/configs
+C=reproduce/configs
 ALL=m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr,mmsasrec
 $M3 compare --dataset "$OUT/data/ml100k_mm" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/ml100k_mm" --quiet
 $M3 compare --dataset "$OUT/data/synthetic" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/synthetic" --quiet
