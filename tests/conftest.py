@@ -4,14 +4,13 @@ its builder and the other shared builders are in ``factories.py``."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from factories import make_tiny_prepared
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 @pytest.fixture
@@ -32,7 +31,11 @@ def one_thread():
 
 @pytest.fixture
 def shared_data() -> Path:
-    """``../shared/data`` or a clean skip when it is absent (a user's clone does not have it)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent")
-    return SHARED_DATA
+    """The real data folder ``$M3BSR_DATA`` (``ml100k_mm/``, ``retail_rocket/``, ``tmall/``), or a clean
+    skip when the variable is unset or names no folder (a user's clone has no real data)."""
+    folder = os.environ.get("M3BSR_DATA")
+    if not folder:
+        pytest.skip("set M3BSR_DATA to the real data folder to run this test")
+    if not Path(folder).is_dir():
+        pytest.skip(f"real data folder {folder} (M3BSR_DATA) is absent")
+    return Path(folder)
