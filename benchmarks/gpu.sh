@@ -6,7 +6,7 @@
 #
 # Uses $PYTHON if set, else an existing .venv of the checkout, else creates .venv-gpu with the
 # system python (--system-site-packages, so a system CUDA torch is used) and installs the package
-# (editable, without replacing torch: pyproject pins the CPU test build). Results: benchmarks/results/<host>-<date>-cuda.json.
+# (editable, without replacing torch: pyproject pins the CPU test build). Results: reproduce/results/<host>-<date>-cuda.json.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -8,7 +8,9 @@ Every measurement runs in its own process (``bench_worker.py``) so its peak resi
 own; M3BSR and SASRec runs alternate (sasrec, m3bsr, sasrec, m3bsr, ...) so a noisy shared machine
 hits both alike, and the ratio is taken from runs of the same invocation. Seconds per epoch are
 the mean step time x the steps of one epoch (a fixed number of shuffled steps is timed, not a
-whole epoch). Writes ``benchmarks/results/<host>-<date>.json`` and ``<host>-<date>-*.png``.
+whole epoch). Writes ``reproduce/results/<host>-<date>.json`` and ``<host>-<date>-*.png`` (``--out``).
+The ``ml100k_mm`` rows need the real data folder (``--data``, default ``$M3BSR_DATA``) and use the
+encoded item features in ``--features`` (default ``$M3BSR_FEATURES``) when they are there.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-SHARED = HERE.parent.parent / "shared" / "data"  # ../shared/data next to the checkout, when present
 
 
 def worker(spec: dict, log) -> dict:
@@ -43,7 +44,10 @@ def worker(spec: dict, log) -> dict:
 
 
 # ------------------------------------------------------------------------------------ datasets
-def datasets(work: Path, quick: bool, with_curves: bool, log) -> dict[str, Path]:
+def datasets(work: Path, quick: bool, with_curves: bool, log, real: Path | None = None,
+             features: Path | None = None) -> dict[str, Path]:
+    """Name -> prepared dataset under ``work`` (generated once, then reused); ``ml100k_mm`` from the real
+    data folder ``real`` (with the ``features`` folder's encoded text/image, when there) if it has one."""
     from bench_data import tmall_like
 
     out = {"tmall_like": tmall_like(work / "tmall_like")}
@@ -54,18 +58,19 @@ def datasets(work: Path, quick: bool, with_curves: bool, log) -> dict[str, Path]
         out["long"] = tmall_like(work / "long", users=3000, items=31_000, events=3000 * 150, buy_rate=0.5)
         for n in (3_000, 100_000, 300_000):
             out[f"items_{n}"] = tmall_like(work / f"items_{n}", users=5000, items=n, events=60_000)
-    ml = SHARED / "ml100k_mm"
-    if ml.is_dir():
+    ml = real / "ml100k_mm" if real else None
+    if ml is not None and ml.is_dir():
         dest = work / "ml100k_mm"
         if not (dest / "manifest.json").is_file():
             cmd = [sys.executable, "-m", "m3bsr", "prepare", str(ml), "--preset", "ml100k_mm", "--out", str(dest),
                    "--quiet"]
-            cache = SHARED.parent.parent / "cache"  # encoded features, when the encoders were run
-            for m in ("text", "image"):
-                if (cache / f"ml100k_{m}.parquet").is_file():
-                    cmd += ["--set", f"features.{m}={cache / f'ml100k_{m}.parquet'}"]
+            for m in ("text", "image"):  # encoded features, when the encoders were run
+                if features and (features / f"ml100k_{m}.parquet").is_file():
+                    cmd += ["--set", f"features.{m}={features / f'ml100k_{m}.parquet'}"]
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         out["ml100k_mm"] = dest
+    elif ml is None:
+        log("  no real data folder (--data / $M3BSR_DATA): ml100k_mm rows skipped")
     else:
         log(f"  {ml} absent: ml100k_mm rows skipped")
     return out
@@ -105,7 +110,9 @@ def run(args, save) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     log(f"datasets in {work}")
-    data = datasets(work, args.quick, "curves" in want and not args.no_curves, log)
+    data = datasets(work, args.quick, "curves" in want and not args.no_curves, log,
+                    real=Path(args.data) if args.data else None,
+                    features=Path(args.features) if args.features else None)
     rounds, steps = (2, 2) if args.quick else (args.rounds, args.steps)
     dims = (64,) if args.quick else (64, 128)
     res: dict = {"meta": {"host": socket.gethostname(), "date": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -228,7 +235,7 @@ def plots(res: dict, stem: Path) -> list[str]:
         path = stem.with_name(f"{stem.name}-{axis}.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
-        written.append(str(path))
+        written.append(path.name)  # next to the JSON
     return written
 
 
@@ -251,7 +258,13 @@ def main() -> None:
     p.add_argument("--curve-steps", type=int, default=2, help="timed steps per scaling-curve point")
     p.add_argument("--work", default=os.environ.get("M3BSR_BENCH_WORK", "/tmp/m3bsr-bench"),
                    help="where generated datasets are cached")
-    p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--data", default=os.environ.get("M3BSR_DATA") or None,
+                   help="real data folder (holding ml100k_mm/) for the ml100k_mm rows; default $M3BSR_DATA")
+    p.add_argument("--features", default=os.environ.get("M3BSR_FEATURES") or None,
+                   help="folder with ml100k_text.parquet / ml100k_image.parquet (m3bsr features); "
+                        "default $M3BSR_FEATURES; without them the ml100k_mm rows are id only")
+    p.add_argument("--out", default=str(HERE.parent / "reproduce" / "results"),
+                   help="where the JSON (and PNG) results go")
     args = p.parse_args()
     from m3bsr.atomic import write_json
 

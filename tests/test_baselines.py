@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tiny_prepared
+from factories import make_tiny_prepared
 from m3bsr.batch import PAD_TIME, Catalogue, SequenceBatch
 from m3bsr.config import EvalConfig, build_config
 from m3bsr.data.batches import WindowBuilder, iterate_batches

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import make_tiny_prepared
+from factories import make_tiny_prepared
 
 from m3bsr.cli import main as cli_main
 from m3bsr.config import build_config

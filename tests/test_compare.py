@@ -12,7 +12,7 @@ import pytest
 import yaml
 from scipy import stats
 
-from conftest import make_tiny_prepared
+from factories import make_tiny_prepared
 from m3bsr import compare
 from m3bsr.cli import main as cli_main
 from m3bsr.engine.metrics import metric_names, metrics_from_ranks

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from m3bsr.batch import PAD_TIME, Catalogue, SequenceBatch
+from m3bsr.batch import PAD_TIME, SequenceBatch
 from m3bsr.config import build_config
 from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.prepared import PreparedDataset
@@ -23,86 +23,10 @@ from m3bsr.models.m3bsr import PRESETS, M3BSR, M3BSRConfig
 from m3bsr.models.registry import build_model
 from m3bsr.models.summary import count_parameters, measure_flops, summarize
 
-from conftest import make_tiny_prepared
+from factories import CONFIGS, N_ITEMS, PAPER, make_batch, make_model, make_tiny_prepared
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-N_ITEMS = 30
-
-
-def make_catalogue(content: bool = True, seed: int = 0) -> Catalogue:
-    g = torch.Generator().manual_seed(seed)
-    cat = Catalogue(n_items=N_ITEMS, behavior_names=["click", "cart", "favor"], target_behavior=3)
-    cat.side_ids = {"brand": torch.randint(0, 5, (N_ITEMS + 1,), generator=g)}
-    cat.side_ids["brand"][0] = 0
-    cat.side_sizes = {"brand": 5}
-    if content:
-        for m, dim in (("image", 6), ("text", 5)):
-            has = torch.rand(N_ITEMS + 1, generator=g) > 0.2
-            has[0] = False
-            cat.features[m] = torch.randn(N_ITEMS + 1, dim, generator=g) * has.unsqueeze(1)
-            cat.feature_masks[m] = has
-    return cat
-
-
-def make_batch(B: int = 5, L: int = 8, seed: int = 0, queries: str = "targets") -> SequenceBatch:
-    """Random windows: interleaved auxiliary (click/cart) and target events, left-aligned, with
-    edge cases: user 0 has no auxiliary events, user 1 clicks before any favor.
-    ``queries="targets"``: every target is a query (training); ``"random"``: 3 queries at random times."""
-    rng = np.random.default_rng(seed)
-    P = L if queries == "targets" else 3
-    out = {k: np.zeros((B, L), np.int64) for k in ("aux_items", "aux_behaviors", "tgt_items")}
-    out["aux_times"] = np.full((B, L), PAD_TIME, np.int64)
-    out["tgt_times"] = np.full((B, L), PAD_TIME, np.int64)
-    out["query_times"] = np.full((B, P), PAD_TIME, np.int64)
-    out["labels"] = np.zeros((B, P), np.int64)
-    for b in range(B):
-        n = int(rng.integers(4, 2 * L))
-        is_tgt = rng.random(n) < 0.45
-        if b == 0:
-            is_tgt[:] = True
-        if b == 1:
-            is_tgt[:3] = False
-        times = np.arange(n) + 3
-        items = rng.integers(1, N_ITEMS + 1, n)
-        a_t, t_t = times[~is_tgt][-L:], times[is_tgt][:L]
-        out["aux_times"][b, :len(a_t)], out["aux_items"][b, :len(a_t)] = a_t, items[~is_tgt][-L:]
-        out["aux_behaviors"][b, :len(a_t)] = rng.integers(1, 3, len(a_t))
-        out["tgt_times"][b, :len(t_t)], out["tgt_items"][b, :len(t_t)] = t_t, items[is_tgt][:L]
-        if queries == "targets":
-            out["query_times"][b, :len(t_t)], out["labels"][b, :len(t_t)] = t_t, items[is_tgt][:L]
-        else:
-            q = np.sort(rng.choice(np.arange(1, n + 5), size=P, replace=False))
-            out["query_times"][b], out["labels"][b] = q, rng.integers(1, N_ITEMS + 1, P)
-    return SequenceBatch(users=torch.arange(1, B + 1), **{k: torch.from_numpy(v) for k, v in out.items()})
-
-
-def make_model(*overrides: str, content: bool = True, d: int = 16) -> M3BSR:
-    torch.manual_seed(0)
-    cfg = build_config(model="m3bsr", overrides=[f"model.hidden_size={d}", "model.n_heads=2", *overrides]).model
-    return build_model(cfg, make_catalogue(content))
-
-
-PAPER = "model.preset=paper"
-
-CONFIGS = [
-    (),
-    ("model.content_gate=false", "model.repeat=false"),
-    ("model.no_specific_experts=false",),
-    ("model.no_specific_experts=false", "model.fusion=gate", "model.id_input=mlp16", "model.scorer=linear", "model.repeat=false"),
-    ("model.no_specific_experts=false", "model.common_expert=cross", "model.item_content=false", "model.feature_norm=none"),
-    ("model.no_specific_experts=false", "model.content_gate=false"),
-    ("model.no_specific_experts=false", "model.no_shared_expert=true", "model.share_specific_experts=false"),
-    (PAPER,),
-    (PAPER, "model.denoise_output=reverse_chain", "model.T_m=4", "model.T_b=3"),
-    (PAPER, "model.contrast=literal", "model.diffusion_loss=literal", "model.fusion=router"),
-    (PAPER, "model.share_specific_experts=false", "model.scorer=tied"),
-    (PAPER, "model.no_shared_expert=true"),
-    (PAPER, "model.no_meie=true"),
-    (PAPER, "model.denoise_output=none", "model.n_layers=1"),
-]
 
 
 def open_gates(model: M3BSR, seed: int = 1) -> M3BSR:

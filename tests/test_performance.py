@@ -13,7 +13,7 @@ from m3bsr.batch import PAD, PAD_TIME
 from m3bsr.models.experts import MultiExpertInterestExtractor
 from m3bsr.models.layers import FastDropout, fast_dropout
 
-from test_m3bsr import CONFIGS, make_batch, make_model
+from factories import CONFIGS, make_batch, make_catalogue, make_model
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,7 +106,6 @@ def test_eval_rows_only_last_layer_equals_all_rows(overrides, monkeypatch):
 def test_sasrec_rows_only_last_layer_equals_all_rows():
     from m3bsr.config import build_config
     from m3bsr.models.registry import build_model
-    from test_m3bsr import make_catalogue
 
     torch.manual_seed(0)
     cfg = build_config(model="sasrec", overrides=["model.hidden_size=16", "model.dropout=0.0"]).model

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_prepared
+from factories import make_tiny_prepared
 
 from m3bsr.cli import main as cli_main
 from m3bsr.engine.checkpoint import load_checkpoint, save_checkpoint

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_tiny_prepared
+from factories import make_tiny_prepared
 from m3bsr.cli import main as cli_main
 from m3bsr.config import build_config
 from m3bsr.data.batches import WindowBuilder

@@ -3,12 +3,14 @@
 # on two job queues, and some ran later than their place here (the comments say which). Every run is
 # seeded, so the order does not change a metric.
 #
-#   bash benchmarks/reproduce_results.sh [OUT]      (OUT defaults to /work/results; never inside the repo)
+#   M3BSR_DATA=DIR bash reproduce/reproduce_results.sh OUT      (OUT: any folder outside the checkout)
 #
-# Needs the real data under ../shared/data (docs/data.md lists its layout) and the offline item
-# features of ml100k_mm (docs/features.md; produced once by `m3bsr features`, then reused):
-#   TEXT=.../ml100k_text.parquet (MiniLM-L6, 384-d, title + overview)
-#   IMAGE=.../ml100k_image.parquet (EfficientNet-Lite0, 1280-d, posters)
+# Needs the real data folder DIR (ml100k_mm/, retail_rocket/, tmall/; docs/data.md section 7 lists
+# their layout) and the offline item features of ml100k_mm (docs/features.md; produced once by
+# `m3bsr features`, then reused), in $M3BSR_FEATURES (default OUT/features), encoded there first when absent:
+#   ml100k_text.parquet (MiniLM-L6, 384-d, title + overview)
+#   ml100k_image.parquet (EfficientNet-Lite0, 1280-d, posters)
+# Runs from anywhere: it changes to the checkout, whose .venv it uses (or $M3, an m3bsr command).
 # Measured on a CPU-only machine (2 cores shared with other jobs, load 4-6), two jobs at a time with one
 # thread each: step 2 (the fixed-budget table) took 26 min of wall time (m3bsr in one process, the baselines in the other); the
 # ablations, FLAG alternatives and probes ~35 min; retail_rocket 5 min; the tmall sample ~20 min. Run
@@ -18,12 +20,21 @@
 # Steps 6-7 (sweeps, the paper-grid screen and the tuned Table 1) took 03:46-05:56 of wall time on two job
 # queues (one thread each) plus an occasional third job: about 4.3 CPU-hours, M3BSR most of it.
 set -euo pipefail
-OUT=${1:-/work/results}
-DATA=${DATA:-../shared/data}
-TEXT=${TEXT:-/work/cache/ml100k_text.parquet}
-IMAGE=${IMAGE:-/work/cache/ml100k_image.parquet}
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT=$(realpath -m "${1:?usage: M3BSR_DATA=DIR bash reproduce/reproduce_results.sh OUT  (OUT: a folder outside the checkout)}")
+DATA=$(realpath -m "${M3BSR_DATA:?set M3BSR_DATA to the real data folder (ml100k_mm/, retail_rocket/, tmall/)}")
+FEATURES=$(realpath -m "${M3BSR_FEATURES:-$OUT/features}")
+TEXT="$FEATURES/ml100k_text.parquet"
+IMAGE="$FEATURES/ml100k_image.parquet"
+cd "$ROOT"  # the commands below name files of the checkout (.venv, reproduce/configs) relative to it
 M3="${M3:-.venv/bin/m3bsr}"
 export OMP_NUM_THREADS=1
+
+# ---------------------------------------------------------------- features of ml100k_mm (once, then reused)
+mkdir -p "$OUT" "$FEATURES"
+[ -f "$TEXT" ] || $M3 features text "$DATA/ml100k_mm/items.csv" --columns title,overview --out "$TEXT" --quiet
+[ -f "$IMAGE" ] || $M3 features image "$DATA/ml100k_mm/posters" --out "$IMAGE" --quiet
+
 # `/usr/bin/time -v` appends each command's peak RSS ("Maximum resident set size") to $OUT/time.log.
 TIME="/usr/bin/time -v -a -o $OUT/time.log"
 
@@ -149,9 +160,9 @@ $TIME $M3 sweep --dataset "$OUT/data/ml100k_mm" --model m3bsr --grid "model.T_m=
     --set model.dropout=0.5 --set train.weight_decay=1e-4 $M3REG --out "$OUT/sw/m3_combo" --quiet
 
 # ---------------------------------------------------------------- 7. Table 1, tuned: every model at its validation-best setting
-# benchmarks/configs/ml100k_tuned.yaml holds each model's winner from step 6 (per-model hidden size, lr,
+# reproduce/configs/ml100k_tuned.yaml holds each model's winner from step 6 (per-model hidden size, lr,
 # and M3BSR's regularisation); the epoch budget, early stopping and batch size are shared.
-TUNED="--config benchmarks/configs/ml100k_tuned.yaml"
+TUNED="--config reproduce/configs/ml100k_tuned.yaml"
 $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models m3bsr --seeds 0,1,2 $TUNED --out "$OUT/ml100k_tuned" --quiet
 $TIME $M3 compare --dataset "$OUT/data/ml100k_mm" --models pop,gru4rec,sasrec,bert4rec,mbstr,mmsasrec --seeds 0,1,2 \
     $TUNED --out "$OUT/ml100k_tuned" --quiet

@@ -1,19 +1,29 @@
 #!/usr/bin/env bash
-# Reproduces docs/results.md sections 2-4 (the presets): the ladder on validation, Table 1 on test, and
+# Reproduces docs/results.md sections 2-5 and 7 (the presets): the ladder on validation, Table 1 on test, and
 # the same checkpoints under the whole-history mask. Every run is seeded; the same machine gives the
 # same metrics. Measured with two to four jobs sharing 2 cores, one thread each (about 5 CPU-hours).
 #
-#   bash benchmarks/reproduce_presets.sh [OUT]      (OUT defaults to /work/results-presets; never in the repo)
+#   M3BSR_DATA=DIR bash reproduce/reproduce_presets.sh OUT      (OUT: any folder outside the checkout)
 #
-# Needs the real data under ../shared/data (docs/data.md) and the offline ml100k_mm features
-# (docs/features.md): TEXT=.../ml100k_text.parquet, IMAGE=.../ml100k_image.parquet.
+# Needs the real data folder DIR (ml100k_mm/, retail_rocket/, tmall/; docs/data.md section 7) and the
+# offline ml100k_mm features (docs/features.md): ml100k_text.parquet and ml100k_image.parquet in
+# $M3BSR_FEATURES (default OUT/features), encoded there first when absent (the encoders extra).
+# Runs from anywhere: it changes to the checkout, whose .venv it uses (or $M3, an m3bsr command).
 set -euo pipefail
-OUT=${1:-/work/results-presets}
-DATA=${DATA:-../shared/data}
-TEXT=${TEXT:-/work/cache/ml100k_text.parquet}
-IMAGE=${IMAGE:-/work/cache/ml100k_image.parquet}
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT=$(realpath -m "${1:?usage: M3BSR_DATA=DIR bash reproduce/reproduce_presets.sh OUT  (OUT: a folder outside the checkout)}")
+DATA=$(realpath -m "${M3BSR_DATA:?set M3BSR_DATA to the real data folder (ml100k_mm/, retail_rocket/, tmall/)}")
+FEATURES=$(realpath -m "${M3BSR_FEATURES:-$OUT/features}")
+TEXT="$FEATURES/ml100k_text.parquet"
+IMAGE="$FEATURES/ml100k_image.parquet"
+cd "$ROOT"  # the commands below name files of the checkout (.venv, reproduce/configs) relative to it
 M3="${M3:-.venv/bin/m3bsr}"
 export OMP_NUM_THREADS=1
+
+# ---------------------------------------------------------------- features of ml100k_mm (once, then reused)
+mkdir -p "$OUT" "$FEATURES"
+[ -f "$TEXT" ] || $M3 features text "$DATA/ml100k_mm/items.csv" --columns title,overview --out "$TEXT" --quiet
+[ -f "$IMAGE" ] || $M3 features image "$DATA/ml100k_mm/posters" --out "$IMAGE" --quiet
 
 # ---------------------------------------------------------------- 0. prepared datasets (all users)
 $M3 prepare "$DATA/ml100k_mm" --preset ml100k_mm --out "$OUT/data/ml100k_mm" \
@@ -61,7 +71,7 @@ ladder ml100k_mm R1g-raw m3bsr "${ROW[R1g-raw]}" 64 0.003
 # Tables: the valid NDCG@10 of each run is in its metrics.json ("valid" → "full" / "sampled").
 
 # ---------------------------------------------------------------- 2. Table 1 (test, once)
-C=benchmarks/configs
+C=reproduce/configs
 ALL=m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr,mmsasrec
 $M3 compare --dataset "$OUT/data/ml100k_mm" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/ml100k_mm" --quiet
 $M3 compare --dataset "$OUT/data/synthetic" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/synthetic" --quiet
@@ -82,4 +92,4 @@ for run in "$OUT"/table1/*/runs/*; do
 done
 
 # ---------------------------------------------------------------- 4. seconds per epoch, side by side
-python benchmarks/run.py --only train --no-curves
+.venv/bin/python benchmarks/run.py --only train --no-curves --data "$DATA" --features "$FEATURES"

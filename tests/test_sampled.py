@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import make_tiny_prepared
+from factories import make_tiny_prepared
 from m3bsr.config import build_config
 from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.prepared import PreparedDataset
