@@ -112,3 +112,29 @@ def test_log_to_is_validated():
         build_config({}, overrides=["train.log_to=[wandb]"])
     assert build_config({}).train.log_to == []
 
+
+def test_compare_reuses_a_run_whatever_its_log_to(tiny_prepared, tmp_path):
+    """train.log_to does not change a run: compare reuses a finished run trained without the key (before it
+    existed) when asked with it, and the reverse; another key still makes it a different run."""
+    import yaml
+
+    from m3bsr import compare
+
+    run_dir = tmp_path / "runs" / "sasrec-s0"
+    run_dir.mkdir(parents=True)
+    old = build_config({}, model="sasrec").to_dict()
+    del old["train"]["log_to"]  # a config.yaml written before train.log_to existed
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"dataset": str(tiny_prepared.resolve()),
+                                                         "dataset_fingerprint": None, **old}))
+    summary = {"test": {"full": {"NDCG@10": 0.5}}}
+    (run_dir / "metrics.json").write_text(json.dumps(summary))
+    (run_dir / "test_ranks.parquet").write_bytes(b"")
+
+    def never(*a, **k):
+        raise AssertionError("retrained")
+
+    cfg = build_config({}, model="sasrec", overrides=["train.log_to=[tensorboard]"])
+    kw = dict(overwrite=False, quiet=True, train_fn=never, resume_fn=never, log=lambda m: None)
+    assert compare.run_one(cfg, tiny_prepared, run_dir, **kw) == summary
+    with pytest.raises(InputError, match="different config"):
+        compare.run_one(build_config({}, model="sasrec", overrides=["train.lr=0.01"]), tiny_prepared, run_dir, **kw)
