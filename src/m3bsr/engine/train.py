@@ -43,6 +43,7 @@ from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoi
 from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
 from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, exists_error, format_table, resume_command
+from m3bsr.engine.tracking import Tracker, check_available, open_trackers
 from m3bsr.errors import InputError, Interrupted, input_error
 from m3bsr.models.base import DataMode
 from m3bsr.models.registry import build_model, model_class
@@ -93,6 +94,7 @@ class Session:
     world_size: int = 1
     ddp: bool = False  # loss_fn is a DistributedDataParallel module (gradients all-reduced)
     mode: DataMode = DataMode("")  # what the model reads of the dataset (models/base.py ``data_mode``)
+    tracker: Tracker = field(default_factory=Tracker)  # train.log_to (rank 0 only; engine/tracking.py)
 
     @property
     def dist_ctx(self) -> distributed.DistContext:
@@ -173,11 +175,25 @@ def fit_or_explain(s: Session, state: TrainState) -> dict:
     """:func:`fit`; Ctrl-C becomes :class:`Interrupted` naming the command that continues the run, and
     train.log records it."""
     try:
-        return fit(s, state)
+        result = fit(s, state)
     except KeyboardInterrupt as e:
+        close_tracker(s, "KILLED")
         if isinstance(e, Interrupted):
             raise
         raise interrupted(s, state) from None
+    except BaseException:
+        close_tracker(s, "FAILED")
+        raise
+    s.tracker.close()
+    return result
+
+
+def close_tracker(s: Session, status: str) -> None:
+    """Close the trackers of a run that stopped (``KILLED``/``FAILED``); a failure to close is not the news."""
+    try:
+        s.tracker.close(status)
+    except Exception:  # noqa: BLE001 - the exception being raised says what went wrong
+        pass
 
 
 def interrupted(s: Session, state: TrainState) -> Interrupted:
@@ -213,6 +229,7 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
 
     With ``world_size > 1`` (process group open) the loss goes through DDP and CUDA means ``cuda:local_rank``."""
     names = metric_names(cfg.eval.ks)
+    check_available(cfg.train.log_to)  # a missing tracking library stops the run before any work
     if cfg.train.monitor_metric not in names:
         raise input_error(f"train.monitor_metric={cfg.train.monitor_metric}", "not a computed metric",
                           f"Choose one of: {', '.join(names)}")
@@ -262,6 +279,8 @@ def fingerprint(session: Session) -> str | None:
 def attach_run(session: Session, run: RunDir) -> None:
     session.run = run
     session.log = RunLog(run.log_file) if session.is_main else (lambda message, echo=False: None)
+    if session.is_main and session.cfg.train.log_to:
+        session.tracker = open_trackers(session.cfg.train.log_to, run.root, session.cfg.to_dict())
 
 
 def rng_states(session: Session) -> dict[str, Any]:
@@ -452,6 +471,7 @@ def record_epoch(s: Session, state: TrainState, stats: dict[str, Any], valid: di
     record = {"epoch": state.epoch, **stats, "valid": valid, "improved": improved}
     records = s.run.read_records() + [record]
     s.run.write_records(records)
+    s.tracker.log_epoch(record)
     metric = s.cfg.train.monitor_metric
     head = ("fitted in one pass:" if fits_once(s) else
             f"epoch {state.epoch} loss {stats['loss'].get('total', float('nan')):.4f}")
@@ -484,6 +504,7 @@ def finish(s: Session, state: TrainState) -> dict:
                "stop_reason": stop_reason(s, state)}
     if s.is_main:
         s.run.write_summary(summary)
+        s.tracker.log_summary(summary)
         s.run.write_curves(records, s.cfg.train.monitor_metric)
         s.log(f"done: best epoch {state.best_epoch} of {state.epoch} ({summary['stop_reason']}); "
               f"{state.skipped_batches} batches skipped")

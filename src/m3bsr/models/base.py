@@ -62,6 +62,8 @@ class SequentialRecommender(nn.Module):
     :meth:`output_layer` (or override :meth:`score`)."""
 
     config_class: ClassVar[type[BaseModelConfig]] = BaseModelConfig
+    # False for a model whose represent() is the same constant for every user (pop): export refuses user vectors.
+    user_vectors: ClassVar[bool] = True
     # train.loss=sampled: set by the engine (not a parameter or buffer: checkpoints are unchanged).
     loss_sampler: NegativeSampler | None = None
 

@@ -28,6 +28,7 @@ class Pop(SequentialRecommender):
 
     config_class = PopConfig
     fit_once: ClassVar[bool] = True
+    user_vectors: ClassVar[bool] = False  # represent() is a constant 1: the ranking is the same for everyone
 
     def __init__(self, cfg: PopConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)
