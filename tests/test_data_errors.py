@@ -79,7 +79,7 @@ def test_extra_column(src, capsys):
 
 def test_row_with_extra_field(src, capsys):
     _edit(src, "user,item,behavior,timestamp\n1,2,buy,5\n1,3,buy,6,7\n")
-    _expect_error(src, capsys, match="malformed CSV")
+    _expect_error(src, capsys, match="events.csv row 2: 5 fields, the header has 4")
 
 
 def test_empty_id(src, capsys):
