@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--id-column", default="item", help="item id column (default: %(default)s)")
     ft.add_argument("--out", type=Path, required=True, help="output .parquet/.npy/.safetensors")
     ft.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: %(default)s)")
+    ft.add_argument("--on-bad-rows", choices=["error", "report", "drop"], default="error",
+                    help="rows with an empty or repeated id: error (fail listing them; the default), report "
+                    "(list them, write nothing, exit 1 if any) or drop (leave them out, counted in the sidecar)")
     _common(ft)
     fi = fsub.add_parser("image", help="EfficientNet-Lite0 pooled ImageNet features (1280-d) of item images")
     fi.add_argument("images", type=Path, help="folder of <item id>.jpg/.png")

@@ -1,8 +1,9 @@
 """Bad rows of an input file, collected by every check so that one run reports them all.
 
-``prepare`` handles them by ``on_bad_rows``: ``error`` fails listing the first :data:`BAD_ROWS_SHOWN`,
-``report`` lists up to :data:`BAD_ROWS_REPORTED` and writes nothing, ``drop`` drops them and counts
-them per reason. Row numbers are 1-based data rows in messages (the header is not counted).
+``prepare`` (and ``m3bsr features text``, for its item table) handles them by ``on_bad_rows``:
+``error`` fails listing the first :data:`BAD_ROWS_SHOWN`, ``report`` lists up to
+:data:`BAD_ROWS_REPORTED` and writes nothing, ``drop`` drops them and counts them per reason. Row
+numbers are 1-based data rows in messages (the header is not counted).
 """
 
 from __future__ import annotations
