@@ -79,7 +79,7 @@ def test_extra_column(src, capsys):
 
 def test_row_with_extra_field(src, capsys):
     _edit(src, "user,item,behavior,timestamp\n1,2,buy,5\n1,3,buy,6,7\n")
-    _expect_error(src, capsys, match="malformed CSV")
+    _expect_error(src, capsys, match="events.csv row 2: 5 fields, the header has 4")
 
 
 def test_empty_id(src, capsys):
@@ -260,9 +260,133 @@ def test_single_behavior_key_conflicts_with_a_column_mapping(src, capsys):
 
 
 def test_empty_auxiliary_list_keeps_the_target_only(src, capsys):
-    msg = _expect_error(src, capsys, "behaviors.auxiliary=[]", match="events.csv row 1: unknown behavior 'view'")
+    msg = _expect_error(src, capsys, "behaviors.auxiliary=[]", match="events.csv: 36 bad rows (36 unknown behaviors")
+    assert "row 1 (behavior): unknown behavior 'view'; row 2 (behavior)" in msg and "and 16 more" in msg
     assert "behaviors.ignore" in msg
     rc, err, out = _run(src, capsys, "behaviors.auxiliary=[]", "behaviors.ignore=[view]")
     assert rc == 0, err
     manifest = yaml.safe_load((out / "manifest.json").read_text())
     assert manifest["behaviors"]["auxiliary"] == [] and manifest["statistics"]["streams"]["auxiliary"]["events"] == 0
+
+
+# --------------------------------------------------------------------------- bad rows: error | report | drop
+
+# data row (1-based, header not counted) → (the CSV line, the problem prepare names)
+BAD_ROWS = {
+    3: ("1,2,buy,5,9", "row 3: 5 fields, the header has 4"),
+    5: ("1,,buy,6", "row 5 (item): empty item id"),
+    8: ("2,3,view,-5", "row 8 (timestamp): negative timestamp -5"),
+    10: ("3,4,purchase,7", "row 10 (behavior): unknown behavior 'purchase'"),
+    12: ("x7,3,buy,6", "row 12 (user): user id 'x7' is not an integer"),
+    13: ("4,5,buy,soon", "row 13 (timestamp): timestamp 'soon' is not a number or an ISO-8601 date"),
+}
+
+
+def _dirty(src) -> None:
+    """The good log with BAD_ROWS at their data rows, and a blank line (not a data row) before row 5."""
+    good = iter(f"{u},{i},{b},{t}" for u, i, b, t in _good_rows())
+    lines = ["user,item,behavior,timestamp"]
+    for row in range(1, len(_good_rows()) + len(BAD_ROWS) + 1):
+        if row == 5:
+            lines.append("")
+        lines.append(BAD_ROWS[row][0] if row in BAD_ROWS else next(good))
+    _edit(src, "\n".join(lines) + "\n")
+
+
+def test_error_lists_every_bad_row_with_its_data_row(src, capsys):
+    _dirty(src)
+    msg = _expect_error(src, capsys, match="events.csv: 6 bad rows (1 rows with extra fields, 1 non-integer user "
+                        "ids, 1 empty item ids, 1 timestamps not a number or date, 1 negative timestamps, "
+                        "1 unknown behaviors; data rows, header not counted): row 3: 5 fields")
+    listed = [problem for _, problem in BAD_ROWS.values()]
+    assert all(p in msg for p in listed), msg
+    assert [msg.index(p) for p in listed] == sorted(msg.index(p) for p in listed)  # by row
+    assert "behaviors.ignore" in msg and "integer_ids=false" in msg and "--on-bad-rows drop" in msg
+
+
+def test_error_lists_at_most_20_and_counts_the_rest(src, capsys):
+    _edit(src, "user,item,behavior,timestamp\n" + "".join(f"{u},{i},{b},{t}\n" for u, i, b, t in _good_rows())
+          + "".join(f"1,,buy,{k}\n" for k in range(30)))
+    msg = _expect_error(src, capsys, match="events.csv: 30 bad rows (30 empty item ids")
+    assert "row 49 (item): empty item id; " in msg and "row 68 (item)" in msg and "row 69 (item)" not in msg
+    assert "and 10 more" in msg
+
+
+def test_report_lists_every_bad_row_and_writes_nothing(src, capsys):
+    _dirty(src)
+    out = src.parent / "out"
+    argv = ["prepare", str(src), "--config", str(src.parent / "cfg.yaml"), "--out", str(out), "--quiet",
+            "--on-bad-rows", "report"]
+    rc = cli_main(argv)
+    cap = capsys.readouterr()
+    assert rc == 1 and not out.exists(), cap
+    events = str(src / "events.csv")
+    assert cap.out.splitlines()[:6] == [
+        f"{events} row 3: 5 fields, the header has 4", f"{events} row 5 (column 'item'): empty item id",
+        f"{events} row 8 (column 'timestamp'): negative timestamp -5",
+        f"{events} row 10 (column 'behavior'): unknown behavior 'purchase'",
+        f"{events} row 12 (column 'user'): user id 'x7' is not an integer",
+        f"{events} row 13 (column 'timestamp'): timestamp 'soon' is not a number or an ISO-8601 date"]
+    assert f"{events}: 6 bad rows (1 rows with extra fields" in cap.out and "nothing written" in cap.out
+    _edit(src, "user,item,behavior,timestamp\n" + "".join(f"{u},{i},{b},{t}\n" for u, i, b, t in _good_rows()))
+    assert cli_main(argv) == 0 and not out.exists()
+    assert "no bad rows" in capsys.readouterr().out
+
+
+def test_report_counts_beyond_what_it_lists(src, capsys, monkeypatch):
+    import m3bsr.data.prepare as prep
+
+    monkeypatch.setattr(prep, "BAD_ROWS_REPORTED", 25)
+    _edit(src, "user,item,behavior,timestamp\n" + "".join(f"{u},{i},{b},{t}\n" for u, i, b, t in _good_rows())
+          + "".join(f"1,,buy,{k}\n" for k in range(30)))
+    out = src.parent / "out"
+    rc = cli_main(["prepare", str(src), "--config", str(src.parent / "cfg.yaml"), "--out", str(out),
+                   "--set", "on_bad_rows=report"])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 1 and not out.exists()
+    assert lines[24].endswith("row 73 (column 'item'): empty item id") and lines[25] == "... and 5 more"
+
+
+def test_drop_counts_in_the_manifest_and_equals_the_clean_log(src, capsys):
+    import json
+
+    _dirty(src)
+    argv = ["prepare", str(src), "--config", str(src.parent / "cfg.yaml"), "--out", str(src.parent / "dirty"),
+            "--on-bad-rows", "drop"]
+    assert cli_main(argv) == 0
+    cap = capsys.readouterr()
+    assert "prepare: dropped 6 bad rows of" in cap.err and "1 unknown behaviors" in cap.err
+    assert "filter: bad_rows_dropped" in cap.out
+    manifest = json.loads((src.parent / "dirty" / "manifest.json").read_text())
+    assert manifest["statistics"]["filtering"]["bad_rows_dropped"] == 6
+    dropped = manifest["bad_rows_dropped"]
+    assert dropped["rows"] == 6 and dropped["files"]["events"]["reasons"] == {
+        "rows with extra fields": 1, "empty item ids": 1, "negative timestamps": 1,
+        "timestamps not a number or date": 1, "non-integer user ids": 1, "unknown behaviors": 1}
+    assert manifest["config"]["on_bad_rows"] == "drop"
+    _edit(src, "user,item,behavior,timestamp\n" + "".join(f"{u},{i},{b},{t}\n" for u, i, b, t in _good_rows()))
+    rc, err, clean = _run(src, capsys)
+    assert rc == 0, err
+    for name in ("events.parquet", "users.parquet", "items.parquet", "valid.parquet", "test.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(src.parent / "dirty" / name), pd.read_parquet(clean / name))
+
+
+def test_drop_bad_feature_and_item_rows(src, capsys):
+    import json
+
+    _features(src, "text.npy", [1, 2, 3, 3], [[0, 1], [np.nan, 1], [1, 1], [2, 2]])
+    (src / "items.csv").write_text("item,title\n1,a\n,b\n2,c\n1,d\n")
+    sets = ["features.text=text.npy", "items.path=items.csv", "items.text=[title]"]
+    msg = _expect_error(src, capsys, *sets, match="items.csv: 2 bad rows (1 empty item ids, 1 duplicate item ids")
+    assert "row 2 (item): empty item id; row 4 (item): duplicate item id '1'" in msg
+    rc, err, out = _run(src, capsys, *sets, "on_bad_rows=drop")
+    assert rc == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = manifest["bad_rows_dropped"]["files"]
+    assert files["items"]["reasons"] == {"empty item ids": 1, "duplicate item ids": 1}
+    assert files["features.text"]["reasons"] == {"non-finite features": 1, "duplicate item ids": 1}
+    mask = np.load(out / "features" / "text_mask.npy")
+    x = np.load(out / "features" / "text.npy")
+    assert mask[1:4].tolist() == [True, False, True] and x[3].tolist() == [1, 1]  # item 2 masked, first 3 kept
+    items = pd.read_parquet(out / "items.parquet")
+    assert items["text"].tolist()[:2] == ["a", "c"]  # item 1 keeps its first row

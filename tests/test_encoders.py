@@ -277,6 +277,28 @@ def test_text_cli_writes_features_and_provenance(tmp_path, capsys, monkeypatch):
     assert rec["seconds"] >= 0 and rec["files"] == [str(out), str(out) + ".ids"]
 
 
+def test_text_cli_bad_rows_error_report_drop(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(text_enc, "TextEncoder", lambda device, progress: LengthEncoder())
+    # data row 2: no text (left out, not bad); row 3: empty id; row 4: repeats the id of row 1
+    items = write_items(tmp_path / "items.csv", [(1, "Heat", "x"), (2, "", ""), ("", "Up", ""), (1, "Fargo", ""),
+                                                 (4, "Big", "")])
+    out = tmp_path / "t.npy"
+    argv = ["features", "text", str(items), "--columns", "title,overview", "--out", str(out), "--quiet"]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and not out.exists()
+    assert "items.csv: 2 bad rows (1 empty item ids, 1 duplicate item ids" in err
+    assert "row 3 (item): empty item id; row 4 (item): duplicate item id '1'" in err
+    assert cli.main([*argv, "--on-bad-rows", "report"]) == 1 and not out.exists()
+    assert capsys.readouterr().out.splitlines()[:2] == [f"{items} row 3 (column 'item'): empty item id",
+                                                        f"{items} row 4 (column 'item'): duplicate item id '1'"]
+    code, err = run_cli([*argv, "--on-bad-rows", "drop"], capsys)
+    assert code == 0 and "dropped 2 bad rows" in err
+    ids, x = read_feature_file(out)
+    assert ids == ["1", "4"] and x[:, 0].tolist() == [len("Heat. x"), len("Big")]  # the first row of id 1
+    rec = json.loads((tmp_path / "t.npy.json").read_text())
+    assert rec["bad_rows_dropped"] == {"rows": 2, "reasons": {"empty item ids": 1, "duplicate item ids": 1}}
+
+
 def test_image_cli_writes_features_and_provenance(tmp_path, capsys, monkeypatch):
     pytest.importorskip("PIL")
     from m3bsr.encoders import image

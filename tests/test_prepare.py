@@ -568,3 +568,37 @@ def test_docs_list_every_prepare_key_with_its_default():
     keys = _known_keys(PrepareConfig)
     assert sorted(rows) == sorted(keys)
     assert {k: rows[k] for k in keys} == {k: default(k) for k in keys}
+
+
+def test_dataframe_source_equals_the_same_rows_from_csv(tmp_path):
+    rows = _random_log(n_users=30, n_items=60, seed=3)
+    df = pd.DataFrame(rows, columns=["user", "item", "behavior", "timestamp"])
+    df["item"] = df["item"].str[1:].astype(np.int64)  # integer ids in the frame, text in the CSV
+    df.index = np.arange(len(df))[::-1] + 100  # the index is ignored: row order is the input order
+    src = tmp_path / "src"
+    src.mkdir()
+    df.to_csv(src / "events.csv", index=False)
+    cfg = _cfg(n_negatives=3)
+    m_csv = prepare(src, cfg, tmp_path / "csv", **QUIET)
+    m_df = prepare(df, cfg, tmp_path / "df", **QUIET)
+    for name in ("events.parquet", "users.parquet", "items.parquet", "valid.parquet", "test.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "df" / name), pd.read_parquet(tmp_path / "csv" / name))
+    assert m_df["statistics"] == m_csv["statistics"]
+    assert m_df["source"]["path"] == "DataFrame" and m_df["source"]["files"][0]["path"] == "DataFrame"
+    assert prepare(df.copy(), cfg, tmp_path / "df", **QUIET)["up_to_date"]  # same content, same fingerprint
+    changed = df.copy()
+    changed.iloc[0, 3] += 1
+    with pytest.raises(InputError, match="exists and was prepared from other sources"):
+        prepare(changed, cfg, tmp_path / "df", **QUIET)
+
+
+def test_dataframe_source_bad_rows_name_their_position(tmp_path):
+    df = pd.DataFrame({"user": ["a", "a", "", "a"], "item": ["x", "y", "z", "w"],
+                       "behavior": ["buy", "buy", "buy", "cartt"], "timestamp": [1, 2, 3, 4]})
+    with pytest.raises(InputError, match=r"^DataFrame: 2 bad rows .*row 3 \(user\): empty user id; row 4 "
+                       r"\(behavior\): unknown behavior 'cartt'"):
+        prepare(df, _cfg(n_negatives=1, min_user_events=1), tmp_path / "out", **QUIET)
+    report = prepare(df, _cfg(on_bad_rows="report"), tmp_path / "out", **QUIET)
+    assert report["bad_rows"]["rows"] == 2 and not (tmp_path / "out").exists()
+    assert report["bad_rows"]["listed"] == ["DataFrame row 3 (column 'user'): empty user id",
+                                            "DataFrame row 4 (column 'behavior'): unknown behavior 'cartt'"]

@@ -124,3 +124,23 @@ def test_custom_delimiter(tmp_path, sep):
     LOG.to_csv(p, index=False, sep=sep)
     pd.testing.assert_frame_equal(read_events(p, EventsConfig(delimiter=sep, format="csv")), _expected(),
                                   check_dtype=False)
+
+
+def test_every_bad_row_is_collected_with_its_data_row(tmp_path):
+    from m3bsr.data.bad_rows import BadRows
+    from m3bsr.errors import InputError
+
+    p = tmp_path / "log.csv.gz"
+    with gzip.open(p, "wt") as f:  # a quoted field with a newline and a blank line: still one data row each
+        f.write('user,item,behavior,timestamp\n7,100,click,1\n"7\n",5,favor,2\n\n3,5,click,3,extra\n'
+                '3,,click,4\n12,5,click,-1\n12,5,click,6\n')
+    bad = BadRows(str(p))
+    got = read_events(p, EventsConfig(), bad)
+    assert bad.rows().tolist() == [2, 3, 4]  # 0-based data rows
+    assert bad.counts() == {"rows with extra fields": 1, "empty item ids": 1, "negative timestamps": 1}
+    assert got.index.tolist() == [0, 1, 3, 4, 5]  # the long row is not read; the index is the data row
+    assert got.loc[5, "timestamp"] == 6
+    assert bad.lines(2) == [f"{p} row 3: 5 fields, the header has 4", f"{p} row 4 (column 'item'): empty item id"]
+    with pytest.raises(InputError, match=r"log.csv.gz: 3 bad rows .* row 3: 5 fields, the header has 4; row 4 "
+                       r"\(item\): empty item id; row 5 \(timestamp\): negative timestamp -1\. "):
+        read_events(p, EventsConfig())

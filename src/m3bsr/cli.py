@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="build a prepared dataset directory from an event log",
                        usage="m3bsr prepare SOURCE [--preset NAME] [--config FILE] [--set KEY=VALUE ...] --out DIR\n"
-                       "                     [--sample-users N] [--seed S] [--overwrite]\n"
+                       "                     [--sample-users N] [--seed S] [--on-bad-rows MODE] [--overwrite]\n"
                        "       m3bsr prepare --inspect DIR | --list-presets | --show-preset NAME",
                        description="Build a prepared dataset (filter, remap, split, candidates) atomically. "
                        "SOURCE is a file, a folder, or 'synthetic' (the embedded default). The config is the "
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "before any filter or cut (sets sample_users; default: every user)")
     p.add_argument("--seed", type=int, metavar="S", help="sets seed, which draws the user sample and the candidates "
                    "(default: the preset's, else 0)")
+    p.add_argument("--on-bad-rows", choices=["error", "report", "drop"],
+                   help="rows with a bad value: error (fail listing them; the default), report (list them all, "
+                   "write nothing, exit 1 if any) or drop (drop and count them in the manifest); sets on_bad_rows")
     p.add_argument("--out", type=Path, metavar="DIR", help="output directory (required unless --inspect)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing different output directory")
     p.add_argument("--inspect", metavar="DIR", type=Path, help="print the statistics table of a prepared DIR")
@@ -131,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--id-column", default="item", help="item id column (default: %(default)s)")
     ft.add_argument("--out", type=Path, required=True, help="output .parquet/.npy/.safetensors")
     ft.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default: %(default)s)")
+    ft.add_argument("--on-bad-rows", choices=["error", "report", "drop"], default="error",
+                    help="rows with an empty or repeated id: error (fail listing them; the default), report "
+                    "(list them, write nothing, exit 1 if any) or drop (leave them out, counted in the sidecar)")
     _common(ft)
     fi = fsub.add_parser("image", help="EfficientNet-Lite0 pooled ImageNet features (1280-d) of item images")
     fi.add_argument("images", type=Path, help="folder of <item id>.jpg/.png")

@@ -133,6 +133,9 @@ class PrepareConfig(StrictModel):
     sample_users: int | None = Field(None, ge=1, description="keep this many users, drawn uniformly from the "
                                      "raw log's users before any filter or cut (so at most this many remain); "
                                      "null = every user")
+    on_bad_rows: Literal["error", "report", "drop"] = Field(
+        "error", description="rows with a bad value: error (fail, listing them), report (list them all, write "
+        "nothing) or drop (drop them, counted in the manifest); --on-bad-rows")
     synthetic: SyntheticConfig | None = None
 
     @model_validator(mode="before")

@@ -2,7 +2,8 @@
 
 Pipeline (the paper's protocol, see docs/data.md):
 
-1. read the event log (any reader) and check behaviors (target present, no unknown names); with
+1. read the event log (any reader, or a pandas DataFrame) and check behaviors (target present, no
+   unknown names); rows with a bad value fail, are reported or are dropped (``on_bad_rows``); with
    ``sample_users`` keep that many of the raw log's users, drawn uniformly (before any filter or cut);
 2. keep the target and auxiliary behaviors (auxiliaries merge into one stream; none = a
    single-behavior dataset, whose auxiliary stream is empty);
@@ -29,9 +30,10 @@ import numpy as np
 import pandas as pd
 
 from m3bsr.atomic import atomic_dir
+from m3bsr.data.bad_rows import BAD_ROWS_REPORTED, BadRows
 from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config, preset_path, preset_summaries
-from m3bsr.data.features import align_features, features_from_array
-from m3bsr.data.readers import build_item_table, read_events
+from m3bsr.data.features import align_features, features_from_array, read_feature_file
+from m3bsr.data.readers import build_item_table, read_events, read_items, to_event_table
 from m3bsr.data.stats import compute_statistics, format_statistics, tie_statistics
 from m3bsr.errors import input_error
 
@@ -64,15 +66,27 @@ def _natural_order(ids: np.ndarray) -> np.ndarray:
     return np.sort(uniq.astype(str)).astype(object)
 
 
-def _check_behaviors(events: pd.DataFrame, cfg: PrepareConfig, where: str) -> None:
+def _frame_sha256(frame: pd.DataFrame) -> str:
+    """sha256 of a DataFrame's column names, dtypes and values in row order (not its index)."""
+    h = hashlib.sha256(json.dumps([[str(c), str(t)] for c, t in frame.dtypes.items()]).encode())
+    h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def _unknown_behaviors(events: pd.DataFrame, cfg: PrepareConfig, bad: BadRows) -> None:
+    """Rows whose behavior is in none of target/auxiliary/ignore → ``bad`` (by their data row)."""
     b = cfg.behaviors
     known = {b.target, *b.auxiliary, *b.ignore}
     beh = events["behavior"]
-    unknown = beh.notna() & ~beh.isin(known)
-    if unknown.any():
-        row = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise input_error(f"{where} row {row + 1}", f"unknown behavior {beh.iloc[row]!r} (known: "
-                          f"{', '.join(sorted(known))})", "Map it with events.rename or list it in behaviors.ignore")
+    unknown = (beh.notna() & ~beh.isin(known)).to_numpy()
+    bad.add(events["row"].to_numpy()[unknown], cfg.events.columns.behavior or "", "unknown behaviors",
+            f"The known behaviors are {', '.join(sorted(known))}: map it with events.rename or list it in "
+            "behaviors.ignore", template="unknown behavior {!r}", values=beh.to_numpy()[unknown])
+
+
+def _check_target(events: pd.DataFrame, cfg: PrepareConfig, where: str) -> None:
+    b = cfg.behaviors
+    beh = events["behavior"]
     if not (beh == b.target).any():
         present = ", ".join(sorted(str(x) for x in beh.dropna().unique()))
         raise input_error(where, f"target behavior {b.target!r} does not occur (present: {present})",
@@ -209,8 +223,15 @@ def sample_candidates(users: np.ndarray, positives: np.ndarray, seen_u: np.ndarr
     return np.concatenate([positives[:, None].astype(np.int64), out], axis=1)
 
 
-def _source_files(source: str | Path, cfg: PrepareConfig) -> tuple[Path | None, Path, dict[str, Path]]:
-    """(events file or None for synthetic, base folder, {role: path} of every input file)."""
+def _source_files(source: str | Path | pd.DataFrame, cfg: PrepareConfig) -> tuple[Path | None, Path, dict[str, Path]]:
+    """(events file or None for synthetic and a DataFrame, base folder, {role: path} of every input file)."""
+    if isinstance(source, pd.DataFrame):  # its item table and feature files are relative to the working dir
+        files = {"items": _resolve(Path("."), cfg.items.path)} if cfg.items is not None else {}
+        files.update({f"features.{m}": _resolve(Path("."), p) for m, p in cfg.features.items()})
+        for role, p in files.items():
+            if not p.is_file():
+                raise input_error(str(p), f"{role} file not found", "Check the config's paths")
+        return None, Path("."), files
     if str(source) == "synthetic":
         return None, Path("."), {f"features.{m}": _resolve(Path("."), p) for m, p in cfg.features.items()}
     src = Path(source)
@@ -234,60 +255,120 @@ def _fingerprint(cfg: PrepareConfig, hashes: list[dict[str, Any]]) -> str:
         del config["events"]["behavior"]
     if config["sample_users"] is None:  # the same
         del config["sample_users"]
+    if config["on_bad_rows"] == "error":  # the same; the other modes can change (report: skip) the output
+        del config["on_bad_rows"]
     blob = json.dumps({"prepare_version": PREPARE_VERSION,
                        "config": config, "files": [(h["role"], h["sha256"]) for h in hashes]},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overwrite: bool = False,
+def _bad_summary(bad: dict[str, BadRows]) -> dict[str, Any]:
+    """``{"rows": total, "files": {role: {"file", "rows", "reasons": {reason: n}}}}`` of the files with bad rows."""
+    files = {role: {"file": b.where, "rows": len(b), "reasons": b.counts()} for role, b in bad.items() if len(b)}
+    return {"rows": sum(f["rows"] for f in files.values()), "files": files}
+
+
+def _bad_report(bad: dict[str, BadRows]) -> dict[str, Any]:
+    """What ``on_bad_rows=report`` returns: the summary and the first :data:`BAD_ROWS_REPORTED` bad rows."""
+    lines: list[str] = []
+    for b in bad.values():
+        lines += b.lines(BAD_ROWS_REPORTED - len(lines))
+    return {"on_bad_rows": "report", "written": False, "bad_rows": {**_bad_summary(bad), "listed": lines}}
+
+
+def _handle(bad: BadRows, cfg: PrepareConfig) -> None:
+    """``error``: fail on a bad row of this file now (``report``/``drop`` go on)."""
+    if cfg.on_bad_rows == "error":
+        bad.raise_if_any()
+
+
+def _read_source(source: str | Path | pd.DataFrame, events_path: Path | None, cfg: PrepareConfig,
+                 bad: dict[str, BadRows]) -> tuple[pd.DataFrame, str, dict[str, tuple[list[str], np.ndarray]]]:
+    """Step 1: the event table of the good rows (column ``row`` = 0-based data row), where it came from,
+    and the synthetic features; bad rows of the log are added to ``bad["events"]``."""
+    from m3bsr.data import synthetic as synth
+
+    if isinstance(source, pd.DataFrame):
+        where = "DataFrame"
+        if source.empty:
+            raise input_error(where, "no rows", "Pass a DataFrame with one row per event")
+        b = bad["events"] = BadRows(where)
+        events, features = to_event_table(source.reset_index(drop=True), cfg.events, where, b), {}
+    elif events_path is None:
+        data = synth.generate(cfg.synthetic, cfg.seed)
+        b = bad["events"] = BadRows("synthetic")
+        events, where, features = data.events.reset_index(drop=True), "synthetic", data.features
+    else:
+        where = str(events_path)
+        b = bad["events"] = BadRows(where)
+        events, features = read_events(events_path, cfg.events, b), {}
+    events = events[~events.index.isin(b.rows())].copy()
+    events["row"] = events.index.to_numpy().astype(np.int64)  # ties keep the input order
+    _unknown_behaviors(events, cfg, b)
+    _handle(b, cfg)
+    return events[~events["row"].isin(b.rows())].reset_index(drop=True), where, features
+
+
+def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: str | Path, overwrite: bool = False,
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
             overrides: list[str] = ()) -> dict[str, Any]:
-    """Build the prepared directory ``out`` from ``source`` (a file, a folder, or ``"synthetic"``).
+    """Build the prepared directory ``out`` from ``source`` (a file, a folder, ``"synthetic"``, or a pandas
+    DataFrame of events with the columns ``cfg.events.columns`` names; its row order is the input order).
 
     ``cfg`` is a :class:`PrepareConfig` or a preset name (then ``overrides`` are ``--set`` texts,
     e.g. ``["synthetic.users=300"]``). Returns the manifest. If ``out`` already holds the same sources + config, returns its manifest
-    with ``"up_to_date": True`` without rebuilding; a different one needs ``overwrite``.
+    with ``"up_to_date": True`` without rebuilding; a different one needs ``overwrite``. With
+    ``on_bad_rows="report"`` nothing is written and the bad rows are returned (``bad_rows``: ``rows``,
+    per-file ``files`` counts per reason, the first ``listed``).
     """
     out = Path(out)
     if isinstance(cfg, str):
         cfg = load_prepare_config(cfg, None, list(overrides))
     elif overrides:
         raise TypeError("overrides apply to a preset name; edit the PrepareConfig instead")
-    if str(source) == "synthetic" and cfg.synthetic is None:
+    frame = isinstance(source, pd.DataFrame)
+    if not frame and str(source) == "synthetic" and cfg.synthetic is None:
         cfg = cfg.model_copy(update={"synthetic": SyntheticConfig()})
+    report = cfg.on_bad_rows == "report"
     events_path, base, files = _source_files(source, cfg)
     hashes = [{"role": r, "path": str(p.resolve()), "sha256": _sha256(p), "size": p.stat().st_size}
               for r, p in files.items()]
+    if frame:
+        hashes.insert(0, {"role": "events", "path": "DataFrame", "sha256": _frame_sha256(source),
+                          "size": int(len(source))})
     fp = _fingerprint(cfg, hashes)
-    if (out / "manifest.json").is_file():
+    if (out / "manifest.json").is_file() and not report:
         try:
             old = json.loads((out / "manifest.json").read_text())
         except json.JSONDecodeError:
             old = {}
         if old.get("fingerprint") == fp:
             return {**old, "up_to_date": True}
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and not report:
         raise input_error(str(out), "exists and was prepared from other sources or another config",
                           "Pass --overwrite to replace it, or choose another --out")
     # Imported here so the "up to date" check above stays fast (these pull in torch).
-    from m3bsr.data import synthetic as synth
     from m3bsr.data.prepared import EvalTargets, write_prepared
     from m3bsr.seeding import numpy_rng
 
     t0 = time.perf_counter()
-
-    item_features: dict[str, tuple[list[str], np.ndarray]] = {}
-    if events_path is None:
-        data = synth.generate(cfg.synthetic, cfg.seed)
-        events, where = data.events, "synthetic"
-        item_features = data.features
+    bad: dict[str, BadRows] = {}
+    events, where, item_features = _read_source(source, events_path, cfg, bad)
+    if report:  # every input file's bad rows, and nothing else
+        if cfg.items is not None and "items" in files:
+            read_items(files["items"], cfg.items, cfg.events.integer_ids, bad.setdefault("items", BadRows(
+                str(files["items"]))))
+        for m in cfg.features:
+            read_feature_file(files[f"features.{m}"], bad.setdefault(f"features.{m}", BadRows(
+                str(files[f"features.{m}"]))))
+        return _bad_report(bad)
+    if events_path is None and not frame:
         log(f"prepare: generated {len(events):,} synthetic events")
     else:
-        events, where = read_events(events_path, cfg.events), str(events_path)
-        log(f"prepare: read {len(events):,} events from {events_path} ({time.perf_counter() - t0:.1f} s)")
-    events["row"] = np.arange(len(events), dtype=np.int64)
-    _check_behaviors(events, cfg, where)
+        log(f"prepare: read {len(events):,} events from {events_path or 'a DataFrame'} "
+            f"({time.perf_counter() - t0:.1f} s)")
+    _check_target(events, cfg, where)
     counts = {"input_events": int(len(events)), "input_users": int(events["user"].nunique()),
               "input_items": int(events["item"].nunique()),
               "events_rating_unmapped_dropped": int(events["behavior"].isna().sum())}
@@ -313,12 +394,25 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
                            order=kept["order"].to_numpy()[r], candidates=c)
 
     valid, test = targets(valid_rows, cand[:n_users]), targets(test_rows, cand[n_users:])
-    items = build_item_table(item_orig, cfg.items, files.get("items"), base, cfg.events.integer_ids)
+    if "items" in files:
+        bad["items"] = BadRows(str(files["items"]))
+    items = build_item_table(item_orig, cfg.items, files.get("items"), base, cfg.events.integer_ids,
+                             bad.get("items"))
+    if "items" in bad:
+        _handle(bad["items"], cfg)
     features, masks, feature_info = {}, {}, {}
     for m, (ids, x) in item_features.items():
         features[m], masks[m] = features_from_array(ids, x, item_orig)
     for m in cfg.features:
-        features[m], masks[m], feature_info[m] = align_features(files[f"features.{m}"], item_orig)
+        b = bad[f"features.{m}"] = BadRows(str(files[f"features.{m}"]))
+        features[m], masks[m], feature_info[m] = align_features(files[f"features.{m}"], item_orig, b)
+        _handle(b, cfg)
+    if cfg.on_bad_rows == "drop":
+        dropped = _bad_summary(bad)
+        counts["bad_rows_dropped"] = dropped["rows"]
+        for role, f in dropped["files"].items():
+            log(f"prepare: dropped {f['rows']:,} bad rows of {f['file']}: "
+                + ", ".join(f"{n:,} {reason}" for reason, n in f["reasons"].items()))
     users = pd.DataFrame({"user": np.arange(1, n_users + 1, dtype=np.int32), "original": user_orig.astype(str)})
     statistics = compute_statistics(kept, names, n_users, n_items, counts)
     ties = statistics["ties"]
@@ -326,14 +420,16 @@ def prepare(source: str | Path, cfg: PrepareConfig | str, out: str | Path, overw
         log(f"prepare: warning: {ties['users_valid_test_tied_share']:.1%} of users have their valid and test targets "
             "at the same timestamp; the input row order decides which is which (docs/data.md §5)")
     manifest = {
-        "source": {"name": cfg.name, "path": str(source) if events_path is None else str(Path(source).resolve()),
-                   "files": hashes},
+        "source": {"name": cfg.name, "path": "DataFrame" if frame else str(source) if events_path is None
+                   else str(Path(source).resolve()), "files": hashes},
         "fingerprint": fp, "prepare_version": PREPARE_VERSION,
         "config": cfg.to_dict(),
         "behaviors": {"names": names, "target": cfg.behaviors.target, "auxiliary": list(cfg.behaviors.auxiliary)},
         "statistics": statistics,
         "feature_files": feature_info,
     }
+    if cfg.on_bad_rows == "drop":
+        manifest["bad_rows_dropped"] = dropped
     with atomic_dir(out, overwrite=overwrite) as tmp:
         write_prepared(tmp, manifest=manifest, events=kept, users=users, items=items, valid=valid, test=test,
                        features=features, feature_masks=masks)
@@ -355,9 +451,28 @@ def inspect(path: str | Path) -> str:
     return format_statistics(manifest)
 
 
+def _print_report(bad: dict[str, Any]) -> int:
+    """``--on-bad-rows report``: each listed bad row, what was left unlisted and the counts, on stdout;
+    exit code 1 when any row is bad."""
+    if not bad["rows"]:
+        print("prepare: no bad rows (nothing written; prepare without --on-bad-rows report to write the dataset)")
+        return 0
+    for line in bad["listed"]:
+        print(line)
+    problems = sum(n for f in bad["files"].values() for n in f["reasons"].values())
+    if problems > len(bad["listed"]):
+        print(f"... and {problems - len(bad['listed']):,} more")
+    for f in bad["files"].values():
+        print(f"{f['file']}: {f['rows']:,} bad rows (" + ", ".join(f"{n:,} {r}" for r, n in f["reasons"].items())
+              + ")")
+    print(f"prepare: {bad['rows']:,} bad rows (data rows, header not counted); nothing written. Fix them, or "
+          "prepare with --on-bad-rows drop to drop and count them")
+    return 1
+
+
 def main(args) -> int:
-    """The ``prepare`` subcommand (flags: source, preset, config, sets, sample_users, seed, out, overwrite,
-    inspect, list_presets, show_preset, quiet)."""
+    """The ``prepare`` subcommand (flags: source, preset, config, sets, sample_users, seed, on_bad_rows, out,
+    overwrite, inspect, list_presets, show_preset, quiet)."""
     if args.inspect is not None:
         print(inspect(args.inspect))
         return 0
@@ -383,9 +498,12 @@ def main(args) -> int:
                               "or --set events.behavior=NAME for a user,item,timestamp log of one behavior")
     flags = [f"sample_users={args.sample_users}"] if args.sample_users is not None else []
     flags += [f"seed={args.seed}"] if args.seed is not None else []
+    flags += [f"on_bad_rows={args.on_bad_rows}"] if args.on_bad_rows is not None else []
     cfg = load_prepare_config(preset, args.config, list(args.sets) + flags)  # the flags win over --set
     log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
     manifest = prepare(args.source, cfg, args.out, overwrite=args.overwrite, log=log)
+    if manifest.get("on_bad_rows") == "report":
+        return _print_report(manifest["bad_rows"])
     if manifest.get("up_to_date"):
         print(f"{args.out}: up to date")
     else:

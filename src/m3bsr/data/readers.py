@@ -6,11 +6,15 @@ when the log has one. Formats: CSV (plain or .gz, any
 delimiter), Parquet, JSON lines of flat rows, OTTO sessions
 (``{"session", "events": [{"aid", "ts", "type"}]}``) and RecBole atomic ``.inter`` files
 (tab-separated, header ``name:type``). Every problem is an :class:`~m3bsr.errors.InputError`
-naming the file, the row (1-based data row) or column, and the fix.
+naming the file, the row (1-based data row) or column, and the fix. Problems of single rows (a CSV
+row with extra fields, an empty or bad id, timestamp, rating or behavior) are collected in a
+:class:`~m3bsr.data.bad_rows.BadRows` so that every bad row of a file is reported at once; the tables
+read here are indexed by their 0-based data row, so the row numbers survive dropping rows.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
 import zlib
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from m3bsr.data.bad_rows import BadRows
 from m3bsr.data.config import ColumnsConfig, EventsConfig, ItemsConfig
 from m3bsr.errors import input_error
 
@@ -51,16 +56,54 @@ def _check_file(path: Path) -> None:
         raise input_error(str(path), "file is empty", "Re-export the file")
 
 
-def _read_csv(path: Path, delimiter: str | None) -> pd.DataFrame:
-    sep = delimiter or ("\t" if path.name.lower().split(".gz")[0].endswith((".tsv", ".inter")) else ",")
+def _long_rows(path: Path, sep: str) -> tuple[int, int, np.ndarray, np.ndarray] | None:
+    """One pass with :mod:`csv` (only after pandas met a row with extra fields): header width, data rows,
+    0-based data rows with more fields than the header [N] and their field counts [N]; None when the
+    file is compressed other than by gzip (then no row can be named)."""
+    name = path.name.lower()
+    if name.endswith((".gz", ".gzip")):
+        f = gzip.open(path, "rt", encoding="utf-8", newline="")
+    elif name.endswith((".bz2", ".zip", ".xz", ".zst", ".tar")):
+        return None
+    else:
+        f = open(path, encoding="utf-8", newline="")
+    with f:
+        records = (r for r in csv.reader(f, delimiter=sep) if r)  # pandas skips blank lines too
+        width = len(next(records, []))
+        counts = np.fromiter((len(r) for r in records), np.int64)
+    long = np.flatnonzero(counts > width)
+    return width, len(counts), long, counts[long]
+
+
+def _read_csv_with_long_rows(path: Path, kw: dict, error: pd.errors.ParserError, bad: BadRows) -> pd.DataFrame:
+    """The rows of a CSV file some of whose rows have extra fields: those go to ``bad``, the others are
+    read by pandas and indexed by their data row."""
+    malformed = input_error(str(path), f"malformed CSV ({str(error).strip().splitlines()[-1]})",
+                            "Every row needs as many fields as the header; check events.delimiter")
     try:
-        df = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                         compression="infer", engine="c")
+        found = _long_rows(path, kw["sep"])
+        df = pd.read_csv(path, on_bad_lines="skip", **kw)
+    except (pd.errors.ParserError, csv.Error, UnicodeDecodeError, OSError, EOFError, zlib.error):
+        raise malformed from None
+    if found is None or not len(found[2]) or len(df) + len(found[2]) != found[1]:
+        raise malformed from None  # pandas and csv disagree on the rows: no row number can be trusted
+    width, n_rows, long, fields = found
+    bad.add(long, "", "rows with extra fields", "Every row needs as many fields as the header; quote fields "
+            "that contain the delimiter, or check events.delimiter",
+            template=f"{{}} fields, the header has {width}", values=fields)
+    df.index = np.setdiff1d(np.arange(n_rows), long)
+    return df
+
+
+def _read_csv(path: Path, delimiter: str | None, bad: BadRows) -> pd.DataFrame:
+    sep = delimiter or ("\t" if path.name.lower().split(".gz")[0].endswith((".tsv", ".inter")) else ",")
+    kw = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""], compression="infer", engine="c")
+    try:
+        df = pd.read_csv(path, **kw)
     except pd.errors.EmptyDataError:
         raise input_error(str(path), "file is empty (no header)", "Re-export the file") from None
     except pd.errors.ParserError as e:
-        raise input_error(str(path), f"malformed CSV ({str(e).strip().splitlines()[-1]})",
-                          "Every row needs as many fields as the header; check events.delimiter") from None
+        df = _read_csv_with_long_rows(path, kw, e, bad)
     except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
         raise input_error(str(path), f"cannot decompress/read ({type(e).__name__}: {e})",
                           "The file is truncated or corrupt; download/export it again") from None
@@ -104,22 +147,27 @@ def _read_otto(path: Path) -> pd.DataFrame:
     return df
 
 
-def _read_recbole(path: Path, delimiter: str | None) -> pd.DataFrame:
+def _read_recbole(path: Path, delimiter: str | None, bad: BadRows) -> pd.DataFrame:
     """RecBole atomic file: tab-separated, header ``field:type``; the type suffix is stripped."""
-    df = _read_csv(path, delimiter or "\t")
+    df = _read_csv(path, delimiter or "\t", bad)
     df.columns = [str(c).split(":", 1)[0] for c in df.columns]
     return df
 
 
-def read_raw(path: Path, fmt: str = "auto", delimiter: str | None = None) -> pd.DataFrame:
-    """Read ``path`` into a DataFrame of its raw columns (no renaming, no validation of values)."""
+def read_raw(path: Path, fmt: str = "auto", delimiter: str | None = None, bad: BadRows | None = None
+             ) -> pd.DataFrame:
+    """Read ``path`` into a DataFrame of its raw columns (no renaming, no validation of values), indexed
+    by 0-based data row. CSV rows with extra fields are left out and added to ``bad`` (without ``bad``
+    they are an error)."""
     path = Path(path)
     _check_file(path)
     fmt = detect_format(path) if fmt == "auto" else fmt
+    own = bad is None
+    bad = BadRows(str(path)) if bad is None else bad
     if fmt == "csv":
-        df = _read_csv(path, delimiter)
+        df = _read_csv(path, delimiter, bad)
     elif fmt == "recbole":
-        df = _read_recbole(path, delimiter)
+        df = _read_recbole(path, delimiter, bad)
     elif fmt == "jsonl":
         df = _read_jsonl(path)
     elif fmt == "otto":
@@ -132,67 +180,78 @@ def read_raw(path: Path, fmt: str = "auto", delimiter: str | None = None) -> pd.
                               "Re-export the file") from None
     else:
         raise AssertionError(fmt)
-    if len(df) == 0:
+    if len(df) == 0 and not len(bad):
         raise input_error(str(path), "no data rows (header only?)", "The file needs at least one event")
+    if own:
+        bad.raise_if_any()
     return df
 
 
-def _ids(col: pd.Series, where: str, what: str, integer: bool) -> pd.Series:
-    """Original ids as strings; empty → error; with ``integer`` non-integers → error."""
+def _ids(col: pd.Series, what: str, integer: bool, bad: BadRows, column: str, fix_empty: str = "") -> pd.Series:
+    """Original ids as strings (index kept); empty ids and, with ``integer``, non-integers go to ``bad``
+    (their value here is a placeholder: the caller drops or rejects those rows)."""
+    rows = col.index.to_numpy()
+    done = np.zeros(len(col), bool)
     if col.dtype.kind == "f":  # e.g. JSON/Parquet floats 3.0 → "3"
         vals = col.to_numpy()
-        ok = np.isfinite(vals) & (vals == np.round(vals))
-        if (~ok).any():
-            row = int(np.flatnonzero(~ok)[0])
-            raise input_error(f"{where} row {row + 1}", f"{what} id {col.iloc[row]!r} is empty or not an integer",
-                              f"Every {what} needs an id")
-        col = pd.Series(vals.astype(np.int64), index=col.index)
+        done = ~(np.isfinite(vals) & (vals == np.round(vals)))
+        bad.add(rows[done], column, f"empty or non-integer {what} ids", f"Every {what} needs an id",
+                template=f"{what} id {{!r}} is empty or not an integer", values=vals[done])
+        col = pd.Series(np.where(done, 0, vals).astype(np.int64), index=col.index)
     s = col.astype("string").str.strip()
-    empty = s.isna() | (s == "")
-    if empty.any():
-        row = int(np.flatnonzero(empty.to_numpy())[0])
-        raise input_error(f"{where} row {row + 1}", f"empty {what} id", f"Every event needs a {what} id; "
-                          "drop or fix the row")
+    empty = (s.isna() | (s == "")).to_numpy() & ~done
+    article = "an" if what == "item" else "a"
+    bad.add(rows[empty], column, f"empty {what} ids", fix_empty or f"Every event needs {article} {what} id; drop "
+            "or fix the row", template=f"empty {what} id")
+    done |= empty
     if integer:
-        bad = ~s.str.fullmatch(r"[+-]?\d+").astype(bool)
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise input_error(f"{where} row {row + 1}", f"{what} id {s.iloc[row]!r} is not an integer",
-                              "Fix the id, or set events.integer_ids=false")
-        s = s.astype(np.int64).astype("string")  # "007" and "7" are the same integer id
-    return s.astype(object)
+        nonint = ~s.str.fullmatch(r"[+-]?\d+").fillna(False).to_numpy(bool) & ~done
+        bad.add(rows[nonint], column, f"non-integer {what} ids", "Fix the id, or set events.integer_ids=false",
+                template=f"{what} id {{!r}} is not an integer", values=s[nonint].to_numpy())
+        done |= nonint
+        s = s.where(~done, "0").astype(np.int64).astype("string")  # "007" and "7" are the same integer id
+    return s.where(~done, "").astype(object)
 
 
-def parse_timestamps(col: pd.Series, where: str) -> np.ndarray:
-    """Integers, integral floats or ISO-8601 strings (→ Unix seconds) → int64; NaN/negative → error."""
+def parse_timestamps(col: pd.Series, where: str, bad: BadRows | None = None, column: str = "") -> np.ndarray:
+    """Integers, integral floats or ISO-8601 strings (→ Unix seconds) → int64 [N]; NaN, unparseable and
+    negative values go to ``bad`` (value 0 here), or are an error without ``bad``."""
+    own = bad is None
+    bad = BadRows(where) if bad is None else bad
+    rows = col.index.to_numpy()
+    if col.dtype.kind == "M":  # a DataFrame's datetimes: read as the ISO-8601 text they print as
+        col = col.astype("string")
     if col.dtype.kind in "iu":
         ts = col.to_numpy().astype(np.int64)
+        done = np.zeros(len(ts), bool)
     else:
         num = pd.to_numeric(col, errors="coerce")
         text = col.astype("string")
         blank = text.isna() | text.str.strip().str.lower().isin(["", "nan", "na", "null", "none"])
-        unparsed = num.isna() & ~blank
+        unparsed = (num.isna() & ~blank).to_numpy()
+        num = num.astype(np.float64)
         if unparsed.any():
             iso = pd.to_datetime(text[unparsed], errors="coerce", utc=True, format="ISO8601")
-            if iso.isna().any():
-                row = int(np.flatnonzero(unparsed.to_numpy())[int(np.flatnonzero(iso.isna().to_numpy())[0])])
-                raise input_error(f"{where} row {row + 1}", f"timestamp {col.iloc[row]!r} is not a number or "
-                                  "an ISO-8601 date", "Fix the value")
-            num = num.astype(np.float64)
             epoch = pd.Timestamp(0, tz="UTC")  # resolution-independent (pandas 3 may use us)
-            num[unparsed] = ((iso - epoch) // pd.Timedelta(seconds=1)).astype(np.float64)
+            num[unparsed] = ((iso - epoch) // pd.Timedelta(seconds=1)).astype(np.float64).to_numpy()
+            unreadable = np.flatnonzero(unparsed)[iso.isna().to_numpy()]
+            bad.add(rows[unreadable], column, "timestamps not a number or date", "Fix the value",
+                    template="timestamp {!r} is not a number or an ISO-8601 date", values=col.to_numpy()[unreadable])
+        else:
+            unreadable = np.zeros(0, np.int64)
         vals = num.to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isfinite(vals)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise input_error(f"{where} row {row + 1}", f"timestamp is missing or NaN ({col.iloc[row]!r})",
-                              "Every event needs a timestamp")
-        ts = np.floor(vals).astype(np.int64)
-    neg = ts < 0
-    if neg.any():
-        row = int(np.flatnonzero(neg)[0])
-        raise input_error(f"{where} row {row + 1}", f"negative timestamp {ts[row]}", "Timestamps are Unix times >= 0")
-    return ts
+        done = ~np.isfinite(vals)
+        missing = done.copy()
+        missing[unreadable] = False
+        bad.add(rows[missing], column, "missing timestamps", "Every event needs a timestamp",
+                template="timestamp is missing or NaN ({!r})", values=col.to_numpy()[missing])
+        ts = np.floor(np.where(done, 0, vals)).astype(np.int64)
+    neg = (ts < 0) & ~done
+    bad.add(rows[neg], column, "negative timestamps", "Timestamps are Unix times >= 0",
+            template="negative timestamp {}", values=ts[neg])
+    if own:
+        bad.raise_if_any()
+    return np.where(neg, 0, ts)
 
 
 def _rating_to_behavior(rating: np.ndarray, cfg: EventsConfig, where: str) -> np.ndarray:
@@ -205,8 +264,12 @@ def _rating_to_behavior(rating: np.ndarray, cfg: EventsConfig, where: str) -> np
     return out
 
 
-def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str) -> pd.DataFrame:
-    """Map raw columns to the event table (see module docstring); checks columns and values."""
+def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str, bad: BadRows | None = None) -> pd.DataFrame:
+    """Map raw columns to the event table (see module docstring), keeping ``raw``'s index (data rows).
+
+    Missing or unexpected columns are an error at once; bad values go to ``bad`` (their rows hold
+    placeholders: drop ``bad.rows()`` before use), or without ``bad`` are an error listing them all.
+    """
     cols: ColumnsConfig = cfg.columns
     wanted = {"user": cols.user, "item": cols.item, "timestamp": cols.timestamp}
     if cols.behavior is not None and cfg.behavior is None:
@@ -228,28 +291,28 @@ def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str) -> pd.DataF
                               "behaviors.target/auxiliary, or list the column in events.ignore_columns")
         raise input_error(where, f"unexpected column {extra[0]!r} (expected: {', '.join(wanted.values())})",
                           f"Map it with events.columns.*, or list it in events.ignore_columns")
+    own = bad is None
+    bad = BadRows(where) if bad is None else bad
+    rows = raw.index.to_numpy()
     out = pd.DataFrame({
-        "user": _ids(raw[cols.user], where, "user", cfg.integer_ids),
-        "item": _ids(raw[cols.item], where, "item", cfg.integer_ids),
-    })
-    out["timestamp"] = parse_timestamps(raw[cols.timestamp], where)
+        "user": _ids(raw[cols.user], "user", cfg.integer_ids, bad, cols.user),
+        "item": _ids(raw[cols.item], "item", cfg.integer_ids, bad, cols.item),
+    }, index=raw.index)
+    out["timestamp"] = parse_timestamps(raw[cols.timestamp], where, bad, cols.timestamp)
     if cols.rating is not None:
         rating = pd.to_numeric(raw[cols.rating], errors="coerce").to_numpy(np.float64)
-        bad = ~np.isfinite(rating)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise input_error(f"{where} row {row + 1}", f"rating {raw[cols.rating].iloc[row]!r} is not a number",
-                              "Fix the value")
-        out["rating"] = rating
+        nan = ~np.isfinite(rating)
+        bad.add(rows[nan], cols.rating, "ratings not a number", "Fix the value",
+                template="rating {!r} is not a number", values=raw[cols.rating].to_numpy()[nan])
+        out["rating"] = np.where(nan, 0.0, rating)
     if cfg.behavior is not None:  # a single-behavior log: every row is that behavior
         out["behavior"] = np.full(len(out), cfg.behavior, dtype=object)
     elif cols.behavior is not None:
         beh = raw[cols.behavior].astype("string").str.strip()
-        empty = beh.isna() | (beh == "")
-        if empty.any():
-            row = int(np.flatnonzero(empty.to_numpy())[0])
-            raise input_error(f"{where} row {row + 1}", "empty behavior", "Every event needs a behavior name")
-        out["behavior"] = beh.astype(object).to_numpy()
+        empty = (beh.isna() | (beh == "")).to_numpy()
+        bad.add(rows[empty], cols.behavior, "empty behaviors", "Every event needs a behavior name",
+                template="empty behavior")
+        out["behavior"] = beh.fillna("").astype(object).to_numpy()
     elif cols.rating is not None and cfg.rating_behaviors:
         out["behavior"] = _rating_to_behavior(out["rating"].to_numpy(), cfg, where)
     else:
@@ -258,36 +321,60 @@ def to_event_table(raw: pd.DataFrame, cfg: EventsConfig, where: str) -> pd.DataF
                           "or events.behavior=NAME for a log of one behavior")
     if cfg.rename:
         out["behavior"] = out["behavior"].map(lambda b: cfg.rename.get(b, b) if b is not None else None)
-    return out[EVENT_TABLE_COLUMNS + (["rating"] if "rating" in out else [])].reset_index(drop=True)
+    if own:
+        bad.raise_if_any()
+    return out[EVENT_TABLE_COLUMNS + (["rating"] if "rating" in out else [])]
 
 
-def read_events(path: Path, cfg: EventsConfig) -> pd.DataFrame:
-    """Read one event log file into the event table, keeping input order."""
+def read_events(path: Path, cfg: EventsConfig, bad: BadRows | None = None) -> pd.DataFrame:
+    """Read one event log file into the event table, keeping input order, indexed by 0-based data row.
+
+    With ``bad``, bad rows are added to it (and still in the table, with placeholder values);
+    without, they are an error listing them.
+    """
     path = Path(path)
-    return to_event_table(read_raw(path, cfg.format, cfg.delimiter), cfg, str(path))
+    own = bad is None
+    bad = BadRows(str(path)) if bad is None else bad
+    events = to_event_table(read_raw(path, cfg.format, cfg.delimiter, bad), cfg, str(path), bad)
+    if own:
+        bad.raise_if_any()
+    return events
 
 
-def build_item_table(item_original: np.ndarray, cfg: ItemsConfig | None, path: Path | None, base: Path,
-                     integer_ids: bool) -> pd.DataFrame:
-    """items.parquet rows: dense ``item`` 1..I, ``original``, ``side_<col>`` (dense, 0 = unknown),
-    ``text`` (the text columns joined by ". ") and ``image`` (absolute path, null if no file)."""
-    table = pd.DataFrame({"item": np.arange(1, len(item_original) + 1, dtype=np.int32),
-                          "original": np.asarray(item_original).astype(str)})
-    if cfg is None or path is None:
-        return table
+def read_items(path: Path, cfg: ItemsConfig, integer_ids: bool, bad: BadRows | None = None) -> pd.DataFrame:
+    """The item table's good rows, indexed by original item id (str). Rows with an empty or bad id and
+    later rows of a duplicate id go to ``bad`` (without ``bad`` they are an error)."""
     where = str(path)
-    raw = read_raw(path, cfg.format, cfg.delimiter)
+    own = bad is None
+    bad = BadRows(where) if bad is None else bad
+    raw = read_raw(path, cfg.format, cfg.delimiter, bad)
     needed = [cfg.id_column, *cfg.side, *cfg.text]
     for col in needed:
         if col not in raw.columns:
             raise input_error(where, f"missing column {col!r} (found: {', '.join(map(str, raw.columns))})",
                               "Fix items.id_column / items.side / items.text or the header")
-    ids = _ids(raw[cfg.id_column], where, "item", integer_ids)
-    dup = ids.duplicated()
-    if dup.any():
-        row = int(np.flatnonzero(dup.to_numpy())[0])
-        raise input_error(f"{where} row {row + 1}", f"duplicate item id {ids.iloc[row]!r}", "One row per item")
-    raw = raw.set_index(pd.Index(ids.to_numpy(), name=None)).reindex(table["original"].to_numpy())
+    n_bad = len(bad)
+    ids = _ids(raw[cfg.id_column], "item", integer_ids, bad, cfg.id_column, "Every item row needs an id")
+    ok = ~raw.index.isin(bad.rows()) if len(bad) > n_bad else np.ones(len(raw), bool)
+    dup = ids.duplicated().to_numpy() & ok
+    bad.add(raw.index.to_numpy()[dup], cfg.id_column, "duplicate item ids", "One row per item",
+            template="duplicate item id {!r}", values=ids.to_numpy()[dup])
+    if own:
+        bad.raise_if_any()
+    keep = ok & ~dup
+    return raw[keep].set_index(pd.Index(ids.to_numpy()[keep], name=None))
+
+
+def build_item_table(item_original: np.ndarray, cfg: ItemsConfig | None, path: Path | None, base: Path,
+                     integer_ids: bool, bad: BadRows | None = None) -> pd.DataFrame:
+    """items.parquet rows: dense ``item`` 1..I, ``original``, ``side_<col>`` (dense, 0 = unknown),
+    ``text`` (the text columns joined by ". ") and ``image`` (absolute path, null if no file).
+    Bad rows of the item table (see :func:`read_items`) are left out when ``bad`` is given."""
+    table = pd.DataFrame({"item": np.arange(1, len(item_original) + 1, dtype=np.int32),
+                          "original": np.asarray(item_original).astype(str)})
+    if cfg is None or path is None:
+        return table
+    raw = read_items(path, cfg, integer_ids, bad).reindex(table["original"].to_numpy())
     for col in cfg.side:
         vals = raw[col].astype("string")
         vals = vals.where(vals.str.strip() != "")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from m3bsr import __version__
+from m3bsr.data.bad_rows import BAD_ROWS_REPORTED, BadRows
 from m3bsr.encoders import check_ids, output_format, package_versions, write_features, write_provenance
 from m3bsr.errors import input_error
 
@@ -62,6 +63,22 @@ def _base_record(modality: str, encoder: str, packages: list[str], device: str, 
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def _report(bad: BadRows) -> int:
+    """``--on-bad-rows report``: the bad rows (up to BAD_ROWS_REPORTED) and their counts on stdout; no
+    model is loaded and nothing is written. Exit code 1 when any row is bad."""
+    if not len(bad):
+        print(f"{bad.where}: no bad rows (nothing written)")
+        return 0
+    lines = bad.lines(BAD_ROWS_REPORTED)
+    print("\n".join(lines))
+    problems = sum(bad.counts().values())
+    if problems > len(lines):
+        print(f"... and {problems - len(lines):,} more")
+    print(f"{bad.where}: {len(bad):,} bad rows (" + ", ".join(f"{n:,} {r}" for r, n in bad.counts().items())
+          + "; data rows, header not counted); nothing written")
+    return 1
+
+
 def run_text(args: argparse.Namespace) -> int:
     """``features text ITEMS --columns a,b --id-column item --out FILE``."""
     from m3bsr.encoders import text
@@ -70,7 +87,15 @@ def run_text(args: argparse.Namespace) -> int:
     batch_size = _batch_size(args)
     fmt = output_format(args.out)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()]
-    table = text.read_item_texts(args.items, columns, args.id_column)
+    bad = BadRows(str(args.items))
+    table = text.read_item_texts(args.items, columns, args.id_column, bad)
+    if args.on_bad_rows == "report":
+        return _report(bad)
+    if args.on_bad_rows == "error":
+        bad.raise_if_any()
+    elif len(bad):
+        _say(f"dropped {len(bad):,} bad rows of {args.items}: "
+             + ", ".join(f"{n:,} {reason}" for reason, n in bad.counts().items()))
     check_ids(table.ids + table.missing, fmt, str(args.items))
     sidecar = Path(str(args.out) + ".json")
     if not table.ids:
@@ -85,7 +110,8 @@ def run_text(args: argparse.Namespace) -> int:
                   "mean pooling over tokens; L2-normalised",
                   missing={"count": len(table.missing), "reason": "no text in any column", "ids": table.missing},
                   partial={"count": len(table.partial), "reason": "text in only some columns",
-                           "ids": table.partial})
+                           "ids": table.partial},
+                  bad_rows_dropped={"rows": len(bad), "reasons": bad.counts()})
     _left_out(table.missing, f"have no text in {','.join(columns)}", table.n_rows, sidecar)
     return _finish(args, table.ids, x, record, t0)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from m3bsr.data.bad_rows import BadRows
 from m3bsr.encoders import require
 from m3bsr.errors import input_error
 
@@ -70,9 +71,15 @@ def join_parts(parts: list[str]) -> str:
     return " ".join(p if k == len(parts) - 1 or p[-1] in ".!?:;" else p + "." for k, p in enumerate(parts))
 
 
-def read_item_texts(path: str | Path, columns: list[str], id_column: str) -> ItemTexts:
-    """Read ``path`` (CSV/TSV/Parquet) and build one text per item from ``columns`` (joined in order)."""
+def read_item_texts(path: str | Path, columns: list[str], id_column: str, bad: BadRows | None = None) -> ItemTexts:
+    """Read ``path`` (CSV/TSV/Parquet) and build one text per item from ``columns`` (joined in order).
+
+    Rows with an empty id, and later rows of a repeated id, are bad rows: added to ``bad`` and left out,
+    or without ``bad`` an error listing them (rows are 1-based data rows, the header not counted).
+    """
     path = Path(path)
+    own = bad is None
+    bad = BadRows(str(path)) if bad is None else bad
     if not columns:
         raise input_error("--columns", "no text column given", "Pass e.g. --columns title,overview")
     table = _read_table(path)
@@ -87,9 +94,21 @@ def read_item_texts(path: str | Path, columns: list[str], id_column: str) -> Ite
     if len(table) == 0:
         raise input_error(str(path), "the item table has no rows", "Pass a table with one row per item")
     ids = _as_text(table[id_column])
+    s = pd.Series(ids)
+    empty = (s == "").to_numpy()
+    bad.add(np.flatnonzero(empty), id_column, "empty item ids", "Give every item a non-empty id",
+            template="empty item id")
+    dup = np.zeros(len(ids), bool)
+    dup[~empty] = s[~empty].duplicated().to_numpy()
+    bad.add(np.flatnonzero(dup), id_column, "duplicate item ids", "Keep one row per item",
+            template="duplicate item id {!r}", values=s[dup].to_numpy())
+    if own:
+        bad.raise_if_any()
     fields = [_as_text(table[c]) for c in columns]
     out = ItemTexts(ids=[], texts=[], n_rows=len(table))
     for k, i in enumerate(ids):
+        if empty[k] or dup[k]:
+            continue
         parts = [f[k] for f in fields]
         if not any(parts):
             out.missing.append(i)
