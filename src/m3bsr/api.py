@@ -65,23 +65,20 @@ def _prepare_raw(events: pd.DataFrame, prepare: dict[str, Any] | None) -> dict[s
         raise input_error("Estimator(prepare=...)", f"the events have behaviors {', '.join(found[:5])} but no "
                           "target behavior is named", "Pass e.g. prepare={'behaviors': {'target': "
                           f"'{found[-1] if found else 'buy'}', 'auxiliary': [...]}}")
-    events_raw["format"] = "csv"  # what _prepare_frame writes
     return raw
 
 
 def _prepare_frame(events: pd.DataFrame, prepare: dict[str, Any] | None, work: Path, out: Path,
                    quiet: bool) -> None:
-    """Prepare ``events`` into ``out`` through a CSV in ``work`` (the prepare pipeline reads files)."""
+    """Prepare ``events`` into ``out`` (the prepare pipeline takes the DataFrame as its source); the
+    prepare config is kept in ``work/prepare.yaml`` for the record."""
     from m3bsr.data.config import load_prepare_config
     from m3bsr.data.prepare import prepare as run_prepare
 
-    raw = _prepare_raw(events, prepare)
     config_file = work / "prepare.yaml"
-    atomic.write_yaml(config_file, raw)
+    atomic.write_yaml(config_file, _prepare_raw(events, prepare))
     cfg = load_prepare_config(config=config_file)
-    csv = work / "events.csv"
-    atomic.write_text(csv, events.to_csv(index=False))
-    run_prepare(csv, cfg, out, overwrite=True, log=(lambda message: None) if quiet else print)
+    run_prepare(events, cfg, out, overwrite=True, log=(lambda message: None) if quiet else print)
 
 
 class Estimator:
