@@ -44,10 +44,9 @@ from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from m3bsr import atomic
-from m3bsr.config import Config, build_config, parse_override
+from m3bsr.config import Config, build_config, parse_override, read_yaml
 from m3bsr.engine.metrics import metric_names
 from m3bsr.errors import InputError, input_error
 from m3bsr.models.base import DataMode
@@ -102,17 +101,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def read_raw_config(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise input_error(str(path), "file not found", "Check the --config path") from None
-    except yaml.YAMLError:
-        raise input_error(str(path), "not valid YAML", "Fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise input_error(str(path), "the config must be a mapping of sections", "See docs/config.md")
-    return raw
+    """The ``--config`` file as a dict (``{}`` without one), not yet validated (:func:`model_configs` does)."""
+    return {} if path is None else read_yaml(path)
 
 
 PER_MODEL_TRAIN = ("lr", "weight_decay")  # the train keys a per-model block may tune
@@ -213,7 +203,7 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
     from m3bsr.engine.runs import RunDir, split_run_config
 
     if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
-        stored, stored_dataset = split_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+        stored, stored_dataset = split_run_config(read_yaml(run_dir / "config.yaml"))
         if stored != cfg.to_dict() or stored_dataset != str(Path(dataset).resolve()):
             raise input_error(str(run_dir), "was trained with a different config or dataset",
                               "Pass --overwrite to retrain, or choose another --out")

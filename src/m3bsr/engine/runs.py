@@ -31,10 +31,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
-
 from m3bsr import atomic
-from m3bsr.config import Config, build_config
+from m3bsr.config import Config, build_config, read_yaml
 from m3bsr.errors import InputError, input_error
 
 SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
@@ -143,16 +141,7 @@ class RunDir:
         if not self.config.is_file():
             raise input_error(str(self.root), "not a run directory (no config.yaml)",
                               "Pass the directory written by `m3bsr train --out`")
-        try:
-            loaded = yaml.safe_load(self.config.read_text()) or {}
-        except yaml.YAMLError as e:  # incl. !!python tags: the safe loader refuses them
-            mark = getattr(e, "problem_mark", None)
-            raise input_error(f"{self.config}:{mark.line + 1}" if mark else str(self.config),
-                              "not valid YAML (Python tags are never loaded)",
-                              "Fix the file or re-train the run") from None
-        if not isinstance(loaded, dict):
-            raise input_error(str(self.config), "not a mapping of config sections", "Fix the file or re-train the run")
-        return loaded
+        return read_yaml(self.config, fix="Fix the file or re-train the run")
 
     def check_dataset(self, dataset: Path, fix: str | None = None) -> None:
         """Refuse (one-line :class:`InputError` naming both fingerprints and ``fix``) when ``dataset`` is not
