@@ -30,8 +30,8 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 import pandas as pd
-import yaml
 
+from m3bsr.config import read_yaml
 from m3bsr.serving.local import free_port, stop, wait_healthy
 
 
@@ -52,7 +52,7 @@ def build_demo_run(root: Path) -> Path:
 
 def run_users(run: Path) -> list[str]:
     """Original user ids of the run's prepared dataset."""
-    dataset = Path(yaml.safe_load((run / "config.yaml").read_text())["dataset"])
+    dataset = Path(read_yaml(run / "config.yaml")["dataset"])
     return pd.read_parquet(dataset / "users.parquet")["original"].astype(str).tolist()
 
 

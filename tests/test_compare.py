@@ -4,6 +4,7 @@ hand-known metrics) and one end-to-end run through the real engine on a tiny dat
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 
 import numpy as np
@@ -113,7 +114,8 @@ def test_finished_runs_are_reused_and_config_changes_refused(fake_run):
     run()
     run()
     assert len(engine.calls) == 6  # nothing retrained
-    with pytest.raises(InputError, match="different config"):
+    with pytest.raises(InputError, match=r"runs/sasrec-s0: was trained with a different config or dataset "
+                                         r"\(train\.lr: stored 0\.001, asked 0\.01\)\. Pass --overwrite to retrain"):
         run(sets=["train.lr=0.01"])
     (out / "runs" / "pop-s1" / "metrics.json").unlink()  # an interrupted run without last.pt is retrained
     run()
@@ -137,6 +139,39 @@ def test_unfinished_run_resumes(fake_run):
         compare.run_compare(out.parent / "data", ["pop"], [0], out=out, train_fn=engine, log=lambda m: None,
                             resume_fn=lambda d, quiet: resumed.append(d) or (_ for _ in ()).throw(RuntimeError("resumed")))
     assert resumed == [out / "runs" / "pop-s0"]
+
+
+LATER_KEYS = ("loss", "loss_negatives", "loss_replacement", "loss_alpha")  # train keys added after runs existed
+
+
+def write_as_older_version(run_dir, train_keys=LATER_KEYS):
+    """Rewrite a run's config.yaml as an m3bsr before ``train_keys`` existed wrote it: without them."""
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key in train_keys:
+        del raw["train"][key]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+def test_stored_config_is_compared_through_the_typed_config(fake_run):
+    """A run written before keys were added matches while they keep their defaults; a real difference,
+    or another dataset directory, is refused naming the first differing key."""
+    run, engine, out = fake_run
+    run(models=["pop", "sasrec"], seeds=[0])
+    for run_dir in (out / "runs").iterdir():
+        write_as_older_version(run_dir)
+        assert "loss_alpha" not in (run_dir / "config.yaml").read_text()
+    run(models=["pop", "sasrec"], seeds=[0])
+    assert engine.calls == ["pop-s0", "sasrec-s0"]  # reused, not refused or retrained
+    with pytest.raises(InputError, match=r"runs/pop-s0: was trained with a different config or dataset "
+                                         r"\(train\.loss: stored 'full', asked 'sampled'\)"):
+        run(models=["pop"], seeds=[0], sets=["train.loss=sampled"])  # absent in the file: read back as "full"
+    with pytest.raises(InputError, match=r"\(model\.n_layers: stored 2, asked 1\)"):
+        run(models=["sasrec"], seeds=[0], sets=["model.n_layers=1"])
+    moved = out.parent / "data-copy"
+    shutil.copytree(out.parent / "data", moved)  # the same prepared data under another directory
+    with pytest.raises(InputError, match=r"\(dataset: stored '.*/data', asked '.*/data-copy'\)"):
+        compare.run_compare(moved, ["pop"], [0], out=out, train_fn=engine, log=lambda m: None)
+    assert len(engine.calls) == 2
 
 
 def test_config_sharing():

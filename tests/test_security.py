@@ -210,3 +210,45 @@ def test_damaged_run_metadata_is_one_line(trained_run, tmp_path, capsys, name, t
     rc = cli_main(["train", "--resume", str(run), "--quiet"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert rc == 2 and len(err) == 1 and expect in err[0], err
+
+
+def yaml_parsers(source: str, name: str) -> list[str]:
+    """Every place in ``source`` that parses YAML itself (``yaml.*load*``), outside ``parse_yaml``."""
+    tree = ast.parse(source, filename=name)
+    allowed = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name == "parse_yaml"
+               for n in ast.walk(f)}
+    return [f"{name}:{node.lineno}: yaml.{attr}" for owner, attr, _, node in _calls(tree)
+            if owner == "yaml" and "load" in attr and id(node) not in allowed]
+
+
+def test_yaml_is_parsed_in_one_function():
+    """m3bsr.config.parse_yaml (under read_yaml) is the one place YAML is parsed, in the package and the
+    benchmarks; the scan is not vacuous."""
+    found = [p for path in [*_sources(), *sorted((SRC.parents[1] / "benchmarks").glob("*.py"))]
+             for p in yaml_parsers(path.read_text(), path.name)]
+    assert not found, found
+    assert yaml_parsers((SRC / "config.py").read_text().replace("def parse_yaml(", "def other("), "config.py")
+    assert yaml_parsers("import yaml\nyaml.safe_load(s)\nyaml.load(s, Loader=yaml.SafeLoader)\n", "x.py") == [
+        "x.py:2: yaml.safe_load", "x.py:3: yaml.load"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train:\n  lr: [1\n",
+     r"^cfg\.yaml:3: not valid YAML \(expected ',' or '\]', but got '<stream end>'\)\. Fix the syntax$"),
+    ("- a list\n", r"^cfg\.yaml: not a mapping of config sections\. Write it as sections of KEY: VALUE lines$"),
+    (None, r"^cfg\.yaml: file not found\. Check the path$"),
+    ("x: {TAG}\n", r"^cfg\.yaml:1: not valid YAML \(could not determine a constructor for the tag "
+                   r"'tag:yaml\.org,2002:python/object/apply:os\.system'; Python tags are never loaded\)"),
+])
+def test_read_yaml_errors_are_one_line_naming_file_and_line(tmp_path, monkeypatch, text, message):
+    from m3bsr.config import read_yaml
+
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "PWNED"
+    if text is not None:
+        Path("cfg.yaml").write_text(text.replace("{TAG}", TAG.format(marker=marker)))
+    with pytest.raises(InputError, match=message):
+        read_yaml("cfg.yaml")
+    assert not marker.exists()
+    Path("cfg.yaml").write_text("")
+    assert read_yaml("cfg.yaml") == {} and read_yaml("cfg.yaml", mapping=False) is None

@@ -64,22 +64,26 @@ def test_sweep_ranks_on_validation_never_evaluates_test(tiny_prepared, tmp_path,
     assert yaml.safe_load(best.read_text())["model"]["name"] == "sasrec"
 
 
+def write_fake_run(cfg, dataset, out):
+    """Write config.yaml and metrics.json like the engine (valid NDCG@10 = train.lr); returns the metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = json.loads((dataset / "manifest.json").read_text()).get("fingerprint")
+    (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()),
+                                                     "dataset_fingerprint": fingerprint, **cfg.to_dict()}))
+    metrics = {"valid": {"full": {"NDCG@10": cfg.train.lr, "HR@10": 0.5}}, "best_epoch": 1, "seconds_per_epoch": 1.0}
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    return metrics
+
+
 def test_sweep_progress_lines_and_eta(tiny_prepared, tmp_path):
     """`[k/N] model point` before each grid point, the ETA from the points trained so far, reuse said."""
     from m3bsr.sweep import sweep
 
     now, lines = [0.0], []
 
-    def fake_train(cfg, dataset, out, *, overwrite, quiet):  # writes config.yaml and metrics.json like the engine
+    def fake_train(cfg, dataset, out, *, overwrite, quiet):
         now[0] += 20 if cfg.model.hidden_size == 8 else 40
-        out.mkdir(parents=True, exist_ok=True)
-        fingerprint = json.loads((dataset / "manifest.json").read_text()).get("fingerprint")
-        (out / "config.yaml").write_text(yaml.safe_dump({"dataset": str(dataset.resolve()),
-                                                         "dataset_fingerprint": fingerprint, **cfg.to_dict()}))
-        metrics = {"valid": {"full": {"NDCG@10": cfg.train.lr, "HR@10": 0.5}}, "best_epoch": 1,
-                   "seconds_per_epoch": 1.0}
-        (out / "metrics.json").write_text(json.dumps(metrics))
-        return metrics
+        return write_fake_run(cfg, dataset, out)
 
     def run():
         lines.clear()
@@ -98,3 +102,50 @@ def test_sweep_progress_lines_and_eta(tiny_prepared, tmp_path):
     assert lines[0] == "[1/4] sasrec model.hidden_size=8 train.lr=0.1: finished, reused"
     assert lines[3:] == ["[4/4] sasrec model.hidden_size=16 train.lr=0.2",
                          "4 grid points done in 40s (1 trained, 3 reused)"]
+
+
+def test_sweep_reuses_resumes_and_refuses_like_compare(tiny_prepared, tmp_path):
+    """The one rule (RunDir.reuse): a finished point is reused (also one written before train keys were added,
+    which keep their defaults), an unfinished one with last.pt is resumed, not retrained; another config
+    or a re-prepared dataset is refused in one line naming the first differing key / the fingerprints."""
+    from m3bsr.engine.runs import RunDir
+    from m3bsr.sweep import sweep
+
+    out, trained, resumed, lines = tmp_path / "sw", [], [], []
+
+    def fake_train(cfg, dataset, run_dir, *, overwrite, quiet):
+        trained.append(run_dir.name)
+        return write_fake_run(cfg, dataset, run_dir)
+
+    def fake_resume(run_dir, *, quiet):
+        resumed.append(run_dir.name)
+        return write_fake_run(*RunDir(run_dir).read_config(), run_dir)
+
+    def run(*sets):
+        lines.clear()
+        return sweep(tiny_prepared, "sasrec", "train.lr=0.1,0.2", out, overrides=list(sets), train_fn=fake_train,
+                     resume_fn=fake_resume, progress=lines.append)
+
+    run()
+    assert trained == ["000-lr=0.1", "001-lr=0.2"]
+    for run_dir in (out / "runs").iterdir():
+        raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+        for key in ("loss", "loss_negatives", "loss_replacement", "loss_alpha"):
+            del raw["train"][key]
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    unfinished = out / "runs" / "001-lr=0.2"
+    (unfinished / "metrics.json").unlink()
+    (unfinished / "last.pt").write_bytes(b"stands in for a checkpoint")
+    table = run()
+    assert len(trained) == 2 and resumed == ["001-lr=0.2"]
+    assert lines[:2] == ["[1/2] sasrec train.lr=0.1: finished, reused",
+                         "[2/2] sasrec train.lr=0.2: unfinished, resuming from last.pt"]
+    assert table["valid_NDCG@10"].tolist() == [0.2, 0.1]
+    with pytest.raises(InputError, match=r"runs/000-lr=0\.1: was trained with a different config or dataset "
+                                         r"\(train\.max_epochs: stored 200, asked 3\)\. Pass --overwrite to retrain"):
+        run("train.max_epochs=3")
+    manifest = tiny_prepared / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "fingerprint": "f" * 64}))
+    with pytest.raises(InputError, match="fingerprint none, but .* now has fingerprint ffffffffffff"):
+        run()
+    assert len(trained) == 2 and len(resumed) == 1

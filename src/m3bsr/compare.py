@@ -4,7 +4,8 @@ Layout of ``OUT`` (every file written atomically)::
 
     OUT/runs/<model>-s<seed>/   one engine run directory each (finished ones are reused, so an
                                 interrupted compare continues; an unfinished one resumes from last.pt;
-                                one trained before its dataset was re-prepared is refused)
+                                one of another config, or trained before its dataset was re-prepared,
+                                is refused: the rule is engine.runs.RunDir.reuse)
     OUT/results.csv             one row per model x seed x split x protocol: model, mode, seed, split,
                                 protocol, HR@K/NDCG@K for each K, MRR, best_epoch, epochs, seconds_per_epoch
     OUT/results.md              what each model read of the dataset (its mode and any notice), mean ±
@@ -37,17 +38,15 @@ from __future__ import annotations
 import argparse
 import copy
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from m3bsr import atomic
-from m3bsr.config import Config, build_config, parse_override
+from m3bsr.config import Config, build_config, parse_override, read_yaml
 from m3bsr.engine.metrics import metric_names
 from m3bsr.errors import InputError, input_error
 from m3bsr.models.base import DataMode
@@ -102,17 +101,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def read_raw_config(path: Path | None) -> dict[str, Any]:
-    if path is None:
-        return {}
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError:
-        raise input_error(str(path), "file not found", "Check the --config path") from None
-    except yaml.YAMLError:
-        raise input_error(str(path), "not valid YAML", "Fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise input_error(str(path), "the config must be a mapping of sections", "See docs/config.md")
-    return raw
+    """The ``--config`` file as a dict (``{}`` without one), not yet validated (:func:`model_configs` does)."""
+    return {} if path is None else read_yaml(path)
 
 
 PER_MODEL_TRAIN = ("lr", "weight_decay")  # the train keys a per-model block may tune
@@ -192,6 +182,11 @@ def reference_model(models: list[str]) -> str:
 # --------------------------------------------------------------------------- running
 
 
+def run_path(out: Path, model: str, seed: int) -> Path:
+    """``OUT/runs/<model>-s<seed>``: the run directory of one model x seed."""
+    return Path(out) / "runs" / f"{model}-s{seed}"
+
+
 def _engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, quiet: bool) -> dict:
     from m3bsr.engine.train import train
 
@@ -204,37 +199,22 @@ def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
     return resume(run_dir, quiet=quiet)
 
 
-def _untracked(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config dict without ``train.log_to``: where epochs are also logged does not change a run, and a
-    run trained before the key existed has none."""
-    train = {k: v for k, v in (config.get("train") or {}).items() if k != "log_to"}
-    return {**config, "train": train}
-
-
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
             log: Callable[[str], None] = print) -> dict:
-    """Train one run, reuse it when finished with the same config, or resume it from last.pt.
+    """Train one run, reuse it when finished, or resume it from last.pt; a run of another config or
+    dataset is refused (the rule is :meth:`~m3bsr.engine.runs.RunDir.reuse`), ``overwrite`` retrains."""
+    from m3bsr.engine.runs import RunDir
 
-    A run trained on the same dataset directory before it was re-prepared is refused (fingerprints)."""
-    from m3bsr.engine.runs import RunDir, split_run_config
-
-    if run_dir.exists() and not overwrite and (run_dir / "config.yaml").is_file():
-        stored, stored_dataset = split_run_config(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-        if _untracked(stored) != _untracked(cfg.to_dict()) or stored_dataset != str(Path(dataset).resolve()):
-            raise input_error(str(run_dir), "was trained with a different config or dataset",
-                              "Pass --overwrite to retrain, or choose another --out")
-        RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain on the current data, "
-                                      "or choose another --out")
-        metrics = run_dir / "metrics.json"
-        if metrics.is_file() and (run_dir / "test_ranks.parquet").is_file():
-            summary = json.loads(metrics.read_text())
-            if summary.get("test"):
-                log(f"{run_dir.name}: finished, reused")
-                return summary
-        if (run_dir / "last.pt").is_file():
-            log(f"{run_dir.name}: unfinished, resuming from last.pt")
-            return resume_fn(run_dir, quiet=quiet)
+    run = RunDir(run_dir)
+    action = "train" if overwrite else run.reuse(cfg, dataset, fix="Pass --overwrite to retrain on the current "
+                                                  "data, or choose another --out")
+    if action == "reuse":
+        log(f"{run_dir.name}: finished, reused")
+        return run.read_summary()
+    if action == "resume":
+        log(f"{run_dir.name}: unfinished, resuming from last.pt")
+        return resume_fn(run_dir, quiet=quiet)
     log(f"{run_dir.name}: training")
     return train_fn(cfg, dataset, run_dir, overwrite=True, quiet=quiet)
 
@@ -262,7 +242,7 @@ def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path
     where = RunProgress(len(seeds) * len(models), clock)
     for s in seeds:
         for m in models:
-            run_dir = out / "runs" / f"{m}-s{s}"
+            run_dir = run_path(out, m, s)
             progress(where.start(f"{m} seed {s}"))
             trained = []  # set when the run trains or resumes (a reused run says nothing about the ETA)
 
@@ -321,8 +301,9 @@ def user_ndcg(ranks: pd.DataFrame, protocol: str, k: int = 10) -> pd.Series:
 
 def pooled_user_ndcg(out: Path, model: str, seeds: list[int], protocol: str) -> pd.Series:
     """Per-user test NDCG@10 averaged over seeds (users present in every seed)."""
-    per_seed = [user_ndcg(pd.read_parquet(out / "runs" / f"{model}-s{s}" / "test_ranks.parquet"), protocol)
-                for s in seeds]
+    from m3bsr.engine.runs import RunDir
+
+    per_seed = [user_ndcg(pd.read_parquet(RunDir(run_path(out, model, s)).test_ranks), protocol) for s in seeds]
     return pd.concat(per_seed, axis=1, join="inner").mean(axis=1)
 
 

@@ -103,6 +103,51 @@ class Config(StrictModel):
         return self.model_dump(mode="json")
 
 
+# --------------------------------------------------------------------------- reading YAML
+
+
+def _yaml_error(e: yaml.YAMLError, where: str, fix: str) -> InputError:
+    """A parse error as one line: ``where:LINE: not valid YAML (problem). fix``."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem and isinstance(e, yaml.constructor.ConstructorError):
+        problem += "; Python tags are never loaded"
+    return input_error(f"{where}:{mark.line + 1}" if mark else where,
+                       f"not valid YAML ({problem})" if problem else "not valid YAML", fix)
+
+
+def parse_yaml(text: str, where: str, fix: str = "Fix the syntax") -> Any:
+    """``text`` parsed with the safe loader (Python tags such as ``!!python/object`` are refused, never
+    run); a syntax error is one :class:`InputError` line naming ``where:LINE`` and ``fix``."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, where, fix) from None
+
+
+def read_yaml(path: str | Path, where: str | None = None, *, fix: str | None = None, mapping: bool = True) -> Any:
+    """The YAML file ``path`` (safe loader, see :func:`parse_yaml`): every YAML file m3bsr reads goes
+    through here. One-line :class:`InputError` naming ``where`` (default: the path) when the file is
+    missing or unreadable, ``where:LINE`` when it is not valid YAML (``fix``: how to repair it). ``mapping``:
+    the file must hold a mapping of sections (an empty file reads as ``{}``); anything else is an error."""
+    where = str(path) if where is None else where
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise input_error(where, "file not found", "Check the path") from None
+    except OSError as e:
+        raise input_error(where, f"cannot read the file ({e.strerror})", "Check the path") from None
+    except UnicodeDecodeError:
+        raise input_error(where, "not a text file", "Pass a YAML file") from None
+    loaded = parse_yaml(text, where, fix or "Fix the syntax")
+    if mapping:
+        loaded = {} if loaded is None else loaded
+        if not isinstance(loaded, dict):
+            raise input_error(where, "not a mapping of config sections",
+                              fix or "Write it as sections of KEY: VALUE lines")
+    return loaded
+
+
 # --------------------------------------------------------------------------- building and overrides
 
 
@@ -135,8 +180,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise input_error(f"--set {text!r}", "empty key", "Write e.g. --set train.lr=0.001")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+        parsed = parse_yaml(value, "--set") if value.strip() else ""
+    except InputError:
         parsed = value
     if isinstance(parsed, str):
         # YAML reads "1e-3" as a string; accept scientific notation for numbers.
@@ -219,13 +264,6 @@ def load_config(path: str | Path | None, *, model: str | None = None, overrides:
     source = "config"
     if path is not None:
         source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError:
-            raise input_error(source, "file not found", "Check the --config path") from None
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{source}:{mark.line + 1}" if mark else source
-            raise input_error(where, "not valid YAML", "Fix the syntax") from None
+        raw = read_yaml(path)
     return build_config(raw, model=model, overrides=overrides, source=source if not overrides else
                         f"{source} + --set")

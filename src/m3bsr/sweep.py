@@ -1,8 +1,9 @@
 """``m3bsr sweep``: a grid search scored on validation only (test is never evaluated).
 
 Each grid point is a normal training run (``<out>/runs/<k>-<slug>``) with ``train.eval_test=false``;
-finished points are skipped, so an interrupted sweep continues where it stopped (a finished point
-trained before its dataset was re-prepared is refused: another manifest fingerprint). The table
+an interrupted sweep continues where it stopped: a finished point is reused, an unfinished one resumes
+from its last.pt, and a point trained with another config or before its dataset was re-prepared is
+refused (one rule for compare and sweep: :meth:`m3bsr.engine.runs.RunDir.reuse`). The table
 (``sweep.csv``, ``sweep.md``) ranks points by the monitored validation metric, and
 ``--emit-best FILE`` writes the winning config as YAML, ready for ``m3bsr train --config FILE``.
 Before each point one plain line ``sweep: [3/8] sasrec train.lr=1e-3 · ETA 5m20s
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import re
 import time
 from pathlib import Path
@@ -63,9 +63,16 @@ def _engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, qui
     return train(cfg, dataset, out, overwrite=overwrite, quiet=quiet)
 
 
+def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
+    from m3bsr.engine.train import resume
+
+    return resume(run_dir, quiet=quiet)
+
+
 def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
           overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False,
-          train_fn: Callable = _engine_train, progress: Callable[[str], None] = print,
+          train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
+          progress: Callable[[str], None] = print,
           clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
     """Train every grid point on ``dataset`` and rank them on validation. Returns the table.
 
@@ -80,21 +87,23 @@ def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | Non
     where = RunProgress(len(points), clock)
     for k, point in enumerate(points):
         cfg = load_config(config, model=model, overrides=[*overrides, *point, "train.eval_test=false"])
-        run_dir = out / "runs" / f"{k:03d}-{_slug(point)}"
-        done = run_dir / "metrics.json"
-        line, reused = where.start(f"{base.model.name} {' '.join(point)}"), done.is_file()
-        if reused:
-            RunDir(run_dir).check_dataset(dataset, fix="Pass --overwrite to retrain every grid point on the "
-                                          "current data, or choose another --out")
+        run = RunDir(out / "runs" / f"{k:03d}-{_slug(point)}")
+        line = where.start(f"{base.model.name} {' '.join(point)}")
+        action = run.reuse(cfg, dataset, fix="Pass --overwrite to retrain every grid point on the current data, "
+                                             "or choose another --out")
+        if action == "reuse":
             progress(f"{line}: finished, reused")
-            metrics = json.loads(done.read_text())
+            metrics = run.read_summary()
+        elif action == "resume":
+            progress(f"{line}: unfinished, resuming from last.pt")
+            metrics = resume_fn(run.root, quiet=quiet)
         else:
             progress(line)
-            metrics = train_fn(cfg, dataset, run_dir, overwrite=run_dir.exists(), quiet=quiet)
-        where.finish(trained=not reused)
+            metrics = train_fn(cfg, dataset, run.root, overwrite=run.root.exists(), quiet=quiet)
+        where.finish(trained=action != "reuse")
         valid = metrics["valid"][base.train.monitor_protocol]
         row = {key: value for key, value in (p.split("=", 1) for p in point)}
-        row.update({"run": run_dir.name, "best_epoch": metrics.get("best_epoch"),
+        row.update({"run": run.root.name, "best_epoch": metrics.get("best_epoch"),
                     "seconds_per_epoch": metrics.get("seconds_per_epoch")})
         row.update({f"valid_{m}": valid[m] for m in METRICS if m in valid})
         rows.append(row)

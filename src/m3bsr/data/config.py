@@ -10,10 +10,9 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from m3bsr.config import StrictModel, _known_keys, parse_override, set_dotted
+from m3bsr.config import StrictModel, _known_keys, parse_override, parse_yaml, read_yaml, set_dotted
 from m3bsr.errors import input_error
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -179,26 +178,14 @@ def preset_summaries() -> list[str]:
     """One line per built-in preset: name, behaviors, and the first line of its file's header comment."""
     lines = []
     for name in preset_names():
-        text = preset_path(name).read_text()
-        raw = yaml.safe_load(text) or {}
+        path = preset_path(name)
+        text = path.read_text()
+        raw = parse_yaml(text, str(path)) or {}
         b = raw.get("behaviors") or {}
         about = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
         behaviors = f"{b.get('target')} <- {'+'.join(b.get('auxiliary') or []) or '(none)'}"
         lines.append(f"{name:<14} {behaviors:<24} {about.split(' (')[0]}")
     return [f"{'preset':<14} {'target <- auxiliary':<24} source", *lines]
-
-
-def _read_yaml(path: Path, where: str) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise input_error(where, "file not found", "Check the path") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise input_error(f"{where}:{mark.line + 1}" if mark else where, "not valid YAML", "Fix the syntax") from None
-    if not isinstance(raw, dict):
-        raise input_error(where, "a prepare config must be a mapping", "See docs/data.md")
-    return raw
 
 
 def load_prepare_config(preset: str | None = None, config: str | Path | None = None,
@@ -207,10 +194,10 @@ def load_prepare_config(preset: str | None = None, config: str | Path | None = N
     raw: dict[str, Any] = {}
     source = []
     if preset is not None:
-        raw = _read_yaml(preset_path(preset), f"preset {preset}")
+        raw = read_yaml(preset_path(preset), f"preset {preset}")
         source.append(f"preset {preset}")
     if config is not None:
-        _deep_merge(raw, _read_yaml(Path(config), str(config)))
+        _deep_merge(raw, read_yaml(config))
         source.append(str(config))
     for text in overrides:
         path_, value = parse_override(text)

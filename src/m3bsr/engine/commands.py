@@ -11,10 +11,8 @@ import json
 import math
 from pathlib import Path
 
-import yaml
-
 from m3bsr import atomic
-from m3bsr.config import Config, build_config, load_config
+from m3bsr.config import Config, build_config, load_config, read_yaml
 from m3bsr.errors import input_error
 
 SUMMARY_BATCH = 32  # windows in the batch model-summary measures (its figures are per window)
@@ -27,17 +25,12 @@ def run_config(config: str | Path | None, model: str | None, overrides: list[str
     used when ``--dataset`` is not given), its ``dataset_fingerprint`` dropped; every other key is
     validated as usual.
     """
-    if config is not None and Path(config).is_file():
-        try:
-            raw = yaml.safe_load(Path(config).read_text()) if Path(config).suffix in (".yaml", ".yml") else None
-        except yaml.YAMLError:
-            raw = None  # load_config below reports it as one line with the line number
-        if isinstance(raw, dict) and "dataset" in raw:
-            from m3bsr.engine.runs import split_run_config  # here: numpy/pyarrow only when needed
+    if config is None or "dataset" not in read_yaml(config):
+        return load_config(config, model=model, overrides=overrides), None
+    from m3bsr.engine.runs import split_run_config  # here: numpy/pyarrow only when needed
 
-            raw, dataset = split_run_config(raw)  # a new run records the dataset's fingerprint afresh
-            return build_config(raw, model=model, overrides=overrides, source=str(config)), Path(dataset)
-    return load_config(config, model=model, overrides=overrides), None
+    raw, dataset = split_run_config(read_yaml(config))  # a new run records the dataset's fingerprint afresh
+    return build_config(raw, model=model, overrides=overrides, source=str(config)), Path(dataset)
 
 
 def _flag_overrides(args: argparse.Namespace) -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from m3bsr import atomic
-from m3bsr.config import Config, build_config, load_config, parse_override, set_dotted
+from m3bsr.config import Config, build_config, load_config, parse_override, read_yaml, set_dotted
 
 DEMO_MODELS = ("m3bsr", "pop")
 # Applied before the user's --config/--set: small enough for ~2 min on 2 cores, large enough to learn
@@ -63,9 +63,7 @@ def compare_config(config: str | Path | None = None, overrides: list[str] = ()) 
     then ``--set`` (as :func:`demo_config` applies them). Compare gives each ``model.*`` key to the
     listed models that have it, so every model shares M3BSR's demo hidden size, as it shares the
     epochs, batch size and window."""
-    import yaml
-
-    raw: dict[str, Any] = (yaml.safe_load(Path(config).read_text()) or {}) if config is not None else {}
+    raw: dict[str, Any] = read_yaml(config) if config is not None else {}
     (raw.get("model") or {}).pop("name", None)
     raw.pop("seed", None)
     for text in DEMO_SETS + DEMO_MODEL_SETS["m3bsr"] + list(overrides):

@@ -26,15 +26,14 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 
 from m3bsr import atomic
-from m3bsr.config import Config, build_config
+from m3bsr.config import Config, build_config, read_yaml
 from m3bsr.errors import InputError, input_error
 
 SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
@@ -89,6 +88,28 @@ def split_run_config(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     return raw, raw.pop("dataset", None)
 
 
+_ABSENT = object()
+
+
+def config_difference(stored: dict[str, Any], asked: dict[str, Any], prefix: str = "") -> str | None:
+    """The first dotted key whose value differs between two config dicts, as ``"train.lr: stored 0.001,
+    asked 0.003"`` (``absent`` for a key one side lacks); ``None`` when they are equal. Keys are visited
+    in ``asked``'s order, then those only ``stored`` has."""
+    for key in [*asked, *(k for k in stored if k not in asked)]:
+        s, a = stored.get(key, _ABSENT), asked.get(key, _ABSENT)
+        if isinstance(s, dict) and isinstance(a, dict):
+            inner = config_difference(s, a, f"{prefix}{key}.")
+            if inner is not None:
+                return inner
+        elif s != a:
+            shown = ["absent" if v is _ABSENT else repr(v) for v in (s, a)]
+            return f"{prefix}{key}: stored {shown[0]}, asked {shown[1]}"
+    return None
+
+
+Reuse = Literal["reuse", "resume", "train"]
+
+
 def _json(text: str, where: str) -> Any:
     """``json.loads`` with a damaged file reported as one line naming it."""
     try:
@@ -98,6 +119,12 @@ def _json(text: str, where: str) -> Any:
 
 
 @dataclass
+def _tracked(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config dict without ``train.log_to``: where the epochs are also logged (TensorBoard, MLflow)
+    does not change what the run trained, so it never blocks reuse."""
+    return {**config, "train": {k: v for k, v in (config.get("train") or {}).items() if k != "log_to"}}
+
+
 class RunDir:
     """Paths of one run directory."""
 
@@ -143,16 +170,7 @@ class RunDir:
         if not self.config.is_file():
             raise input_error(str(self.root), "not a run directory (no config.yaml)",
                               "Pass the directory written by `m3bsr train --out`")
-        try:
-            loaded = yaml.safe_load(self.config.read_text()) or {}
-        except yaml.YAMLError as e:  # incl. !!python tags: the safe loader refuses them
-            mark = getattr(e, "problem_mark", None)
-            raise input_error(f"{self.config}:{mark.line + 1}" if mark else str(self.config),
-                              "not valid YAML (Python tags are never loaded)",
-                              "Fix the file or re-train the run") from None
-        if not isinstance(loaded, dict):
-            raise input_error(str(self.config), "not a mapping of config sections", "Fix the file or re-train the run")
-        return loaded
+        return read_yaml(self.config, fix="Fix the file or re-train the run")
 
     def check_dataset(self, dataset: Path, fix: str | None = None) -> None:
         """Refuse (one-line :class:`InputError` naming both fingerprints and ``fix``) when ``dataset`` is not
@@ -185,6 +203,37 @@ class RunDir:
         if dataset is None:
             raise input_error(str(self.config), "no 'dataset' key", "Re-train the run")
         return build_config(raw, overrides=list(overrides), source=str(self.config)), Path(dataset)
+
+    def reuse(self, cfg: Config, dataset: Path, fix: str) -> Reuse:
+        """What a command that wants ``cfg`` trained on ``dataset`` in this directory does with what is
+        there (compare and sweep both ask here; ``--overwrite`` skips the question):
+
+        * ``"train"``: no run yet (no config.yaml), or an unfinished one without last.pt (nothing to keep):
+          train from scratch, replacing the directory.
+        * refused, one-line :class:`InputError` ending with ``fix``: the stored config, read back through
+          the typed :class:`Config` (so a key added since with its default value matches), differs from
+          ``cfg`` (the first differing key is named: ``train.lr: stored 0.001, asked 0.003``), the run
+          names another dataset directory, or that dataset was re-prepared since (:meth:`check_dataset`).
+        * ``"reuse"``: finished: metrics.json, and with ``train.eval_test`` its test metrics and
+          test_ranks.parquet; read it with :meth:`read_summary`.
+        * ``"resume"``: unfinished with a last.pt: continue it (``engine.train.resume``)."""
+        if not self.config.is_file():
+            return "train"
+        try:
+            stored, stored_dataset = self.read_config()
+        except InputError as e:
+            raise input_error(str(self.root), f"holds a run whose config no longer reads ({e})", fix) from None
+        asked_dataset = Path(dataset).resolve()
+        diff = (config_difference({"dataset": str(stored_dataset)}, {"dataset": str(asked_dataset)})
+                or config_difference(_tracked(stored.to_dict()), _tracked(cfg.to_dict())))
+        if diff is not None:
+            raise input_error(str(self.root), f"was trained with a different config or dataset ({diff})", fix)
+        self.check_dataset(dataset, fix=fix)
+        if self.metrics_json.is_file():
+            summary = self.read_summary()
+            if not cfg.train.eval_test or (summary.get("test") and self.test_ranks.is_file()):
+                return "reuse"
+        return "resume" if self.checkpoint("last").is_file() else "train"
 
     # --- per-epoch records ----------------------------------------------------------------------
     def read_records(self) -> list[dict[str, Any]]:
