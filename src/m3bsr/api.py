@@ -18,6 +18,7 @@ and removed with the estimator.
 
 from __future__ import annotations
 
+import copy
 import shutil
 import tempfile
 import weakref
@@ -25,10 +26,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
-import yaml
 
 from m3bsr import atomic
-from m3bsr.config import Config, build_config, set_dotted
+from m3bsr.config import Config, build_config, read_yaml, set_dotted
 from m3bsr.errors import input_error
 from m3bsr.serving.recommend import Recommendation, Recommender
 
@@ -40,7 +40,7 @@ SINGLE_BEHAVIOR = "interaction"
 def _settings_raw(config: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
     """A nested config dict: ``config`` plus keyword settings, ``__`` standing for the dot of a dotted key
     (``train__lr=1e-3`` is ``train.lr``)."""
-    raw: dict[str, Any] = yaml.safe_load(yaml.safe_dump(config or {}))  # a deep copy of plain values
+    raw: dict[str, Any] = copy.deepcopy(config or {})
     for key, value in settings.items():
         set_dotted(raw, key.split("__"), value)
     return raw
@@ -49,7 +49,7 @@ def _settings_raw(config: dict[str, Any] | None, settings: dict[str, Any]) -> di
 def _prepare_raw(events: pd.DataFrame, prepare: dict[str, Any] | None) -> dict[str, Any]:
     """The prepare config for ``events``: ``prepare`` (docs/data.md keys), with a single behavior named
     :data:`SINGLE_BEHAVIOR` when the DataFrame has no ``behavior`` column and no behavior is configured."""
-    raw = yaml.safe_load(yaml.safe_dump(prepare or {}))
+    raw = copy.deepcopy(prepare or {})
     events_raw = raw.setdefault("events", {})
     names = {c: (events_raw.get("columns") or {}).get(c, c) for c in (*EVENT_COLUMNS, "behavior")}
     missing = [names[c] for c in EVENT_COLUMNS if names[c] not in events.columns]
@@ -163,7 +163,7 @@ class Estimator:
             shutil.copytree(self.dataset_dir_, tmp / "data")
             shutil.copytree(self.run_dir_, tmp / "run")
             config = tmp / "run" / "config.yaml"
-            raw = yaml.safe_load(config.read_text())
+            raw = read_yaml(config)
             raw["dataset"] = str((path / "data").resolve())  # the copy, where it will be after the rename
             atomic.write_yaml(config, raw)
         return path

@@ -118,13 +118,13 @@ def _json(text: str, where: str) -> Any:
         raise input_error(where, f"invalid JSON ({e.msg})", "Restore the file or re-train the run") from None
 
 
-@dataclass
 def _tracked(config: dict[str, Any]) -> dict[str, Any]:
     """A run's config dict without ``train.log_to``: where the epochs are also logged (TensorBoard, MLflow)
     does not change what the run trained, so it never blocks reuse."""
     return {**config, "train": {k: v for k, v in (config.get("train") or {}).items() if k != "log_to"}}
 
 
+@dataclass
 class RunDir:
     """Paths of one run directory."""
 
