@@ -405,13 +405,13 @@ class M3BSR(SequentialRecommender):
             pooled = [causal_mean_pool(s[m], t, q) for s, t in ((aux, aux_times), (tgt, tgt_times))
                       for m in self.modalities]
             return M3BSROutput(torch.stack(pooled).mean(0), terms)
-        experts = self.meie(aux, tgt, aux_times, tgt_times, q, common)  # Eq. 14-19 → [B, P, E, d]
+        experts = self.meie.by_length(aux, tgt, aux_times, tgt_times, q, common)  # Eq. 14-19 → [B, P, E, d]
         second = None
         if need_loss and self.use_contrast and cfg.contrast == "disentangle":
             # NOTE: contrast DECIDED (docs/model.md) — a second dropout pass through the experts (the
             # denoised tokens are shared) gives the InfoNCE positives of Eq. 20.
             common2 = self._backbone(batch) if self.merged else None
-            second = self.meie(aux, tgt, aux_times, tgt_times, q, common2)
+            second = self.meie.by_length(aux, tgt, aux_times, tgt_times, q, common2)
         return M3BSROutput(self.meie.fuse(experts), terms, experts, second)  # Eq. 21-22
 
     def represent(self, batch: SequenceBatch) -> Tensor:
