@@ -111,15 +111,15 @@ class DiffusionDenoising(nn.Module):
         ``valid`` [G|1, N, L] real tokens → (denoised [G, N, L, d], loss scalar or None)."""
         G, N = x.shape[:2]
         x_obs = normalize_x0(x)  # NOTE: scale DECIDED (docs/model.md) — x_0 cannot shrink to zero
-        noisy = None  # the ε-loss's training sample: x_t = sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε (Eq. 6-7)
+        noisy = None  # the ε-loss's training sample (x_t, t)
         if need_loss and self.diffusion_loss == "eps":
             t = self.schedule.sample_timesteps((G, N), x.device)
             noise = torch.randn_like(x_obs)
-            noisy = (self.schedule.add_noise(x_obs, noise, t), t)
+            noisy = (self.schedule.add_noise(x_obs, noise, t), t)  # Eq. 6-7: sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε
         out, eps_noisy = self.denoise(x_obs, cond, mask, noisy)
         if not need_loss:
             return out, None
-        if self.diffusion_loss == "eps":  # DECIDED: ||ε - ε̂(x_t, t, cond)||²
+        if self.diffusion_loss == "eps":  # Eq. 10 / 13, DECIDED: ||ε - ε̂(x_t, t, cond)||²
             return out, masked_mse(eps_noisy, noise, valid)
         return out, masked_mse(x_obs, out, valid)  # Eq. 10 / 13 as printed
 

@@ -155,12 +155,12 @@ class MultiExpertInterestExtractor(nn.Module):
             return spec
         if self.fusion == "residual":
             return experts[..., -1, :] + self.gate.to(spec.dtype) * spec
-        g = torch.sigmoid(self.w_g(flat))
-        return g * experts[..., -1, :] + (1 - g) * spec
+        g = torch.sigmoid(self.w_g(flat))  # Eq. 21
+        return g * experts[..., -1, :] + (1 - g) * spec  # Eq. 22
 
     # ------------------------------------------------------------------------------ Eq. 20
     def contrast_loss(self, e1: Tensor, e2: Tensor | None, window: Tensor) -> Tensor:
-        """Disentanglement loss over the expert vectors of N real queries.
+        """Disentanglement loss (Eq. 20) over the expert vectors of N real queries.
 
         ``e1`` [N, E, d] (first pass), ``e2`` [N, E, d] (second dropout pass; ``disentangle`` only),
         ``window`` [N] the window (user) of each query, ascending. Negatives from other users are
