@@ -11,7 +11,7 @@ import m3bsr.models.experts as experts_module
 import m3bsr.models.m3bsr as m3bsr_module
 from m3bsr.batch import PAD, PAD_TIME
 from m3bsr.models.experts import MultiExpertInterestExtractor
-from m3bsr.models.layers import FastDropout, fast_dropout
+from m3bsr.models.layers import FastDropout, fast_dropout, in_length_groups
 
 from factories import CONFIGS, make_batch, make_catalogue, make_model
 
@@ -51,19 +51,44 @@ def test_trimming_and_buckets_leave_representations_unchanged(overrides, monkeyp
 def _count_groups(monkeypatch) -> list[int]:
     """Record how many window groups each MEIE call runs (1 = no bucketing)."""
     calls: list[int] = []
-    original_forward, original_experts = MultiExpertInterestExtractor.forward, MultiExpertInterestExtractor._experts
+    original_by_length, original_forward = MultiExpertInterestExtractor.by_length, MultiExpertInterestExtractor.forward
 
-    def forward(self, *args):
+    def by_length(self, *args):
         calls.append(0)
-        return original_forward(self, *args)
+        return original_by_length(self, *args)
 
-    def experts(self, *args):
+    def forward(self, *args, **kwargs):
         calls[-1] += 1
-        return original_experts(self, *args)
+        return original_forward(self, *args, **kwargs)
 
+    monkeypatch.setattr(MultiExpertInterestExtractor, "by_length", by_length)
     monkeypatch.setattr(MultiExpertInterestExtractor, "forward", forward)
-    monkeypatch.setattr(MultiExpertInterestExtractor, "_experts", experts)
     return calls
+
+
+def test_length_groups_trim_each_group_and_keep_window_order():
+    """in_length_groups sorts windows by length into groups, trims each group's tokens (nested
+    dicts too) to its longest window, slices per-window arguments and returns window order; groups
+    that would save too little padding, or too few windows per group, run as one call."""
+    lengths = torch.tensor([5, 1, 3, 8, 2, 6, 0, 4])
+    x = torch.arange(80, dtype=torch.float).view(8, 10)
+    valid = (torch.arange(10) < lengths[:, None]).float()
+    scale = torch.arange(8, dtype=torch.float)
+    widths = []
+
+    def fn(x, parts, scale, unused):
+        widths.append(x.shape[1])
+        assert parts["valid"].shape == x.shape and unused is None
+        return (x * parts["valid"]).sum(1) * scale  # [B]
+
+    args = dict(tokens=dict(x=x, parts={"valid": valid}), windows=dict(scale=scale, unused=None))
+    want = (x * valid).sum(1) * scale
+    assert torch.equal(in_length_groups(fn, lengths, 2, **args), want)
+    assert widths == [3, 8]  # sorted lengths 0 1 2 3 | 4 5 6 8
+    widths.clear()
+    assert torch.equal(in_length_groups(fn, lengths, 2, **args, min_saving=0.9), want)  # saves 45 % < 90 %
+    assert torch.equal(in_length_groups(fn, lengths, 2, **args, min_group=5), want)  # 8 windows: one group of 5+
+    assert widths == [10, 10]
 
 
 def test_equal_length_batch_runs_as_one_group_at_inference(monkeypatch):

@@ -109,44 +109,59 @@ class DiffusionDenoising(nn.Module):
                 need_loss: bool) -> tuple[Tensor, Tensor | None]:
         """``x`` [G, N, L, d] features, ``cond`` [G, N, Lc, d], ``mask`` [G|1, N, L, Lc],
         ``valid`` [G|1, N, L] real tokens → (denoised [G, N, L, d], loss scalar or None)."""
-        G, N, L, d = x.shape
+        G, N = x.shape[:2]
         x_obs = normalize_x0(x)  # NOTE: scale DECIDED (docs/model.md) — x_0 cannot shrink to zero
-        sched = self.schedule
-        pending = []  # the (x_t, t, ε) of the ε-loss, consumed by the first estimator call
-        eps_loss = []
+        noisy = None  # the ε-loss's training sample (x_t, t)
         if need_loss and self.diffusion_loss == "eps":
-            t_rand = sched.sample_timesteps((G, N), x.device)
+            t = self.schedule.sample_timesteps((G, N), x.device)
             noise = torch.randn_like(x_obs)
-            pending.append((sched.add_noise(x_obs, noise, t_rand), t_rand, noise))
-
-        def estimate(x_t: Tensor, t: int) -> Tensor:
-            """ε̂ at step t for x_t; the ε-loss call rides along in the same batched kernel once."""
-            t_full = torch.full((G, N), t, device=x.device, dtype=torch.long)
-            if not pending:
-                return self.net(x_t, t_full, cond, mask)
-            xn, tn, noise = pending.pop()
-            both = self.net(torch.cat([x_t, xn], 1), torch.cat([t_full, tn], 1),
-                            torch.cat([cond, cond], 1), torch.cat([mask.expand(G, N, *mask.shape[2:])] * 2, 1))
-            eps_loss.append(masked_mse(both[:, N:], noise, valid))
-            return both[:, :N]
-
-        if self.denoise_output == "none":
-            out = x_obs
-            if pending:
-                estimate(x_obs, self.K)  # trains the estimator; its output is not used downstream
-        elif self.denoise_output == "x0":
-            t_K = torch.full((G, N), self.K, device=x.device, dtype=torch.long)
-            out = sched.x0(x_obs, estimate(x_obs, self.K), t_K)
-        else:  # reverse_chain: x_K → x_0 with Eq. 8
-            out = x_obs
-            for t in range(self.K, 0, -1):
-                t_vec = torch.full((G, N), t, device=x.device, dtype=torch.long)
-                out = sched.step(estimate(out, t), t_vec, out)
+            noisy = (self.schedule.add_noise(x_obs, noise, t), t)  # Eq. 6-7: sqrt(ᾱ_t) x_0 + sqrt(1-ᾱ_t) ε
+        out, eps_noisy = self.denoise(x_obs, cond, mask, noisy)
         if not need_loss:
             return out, None
-        if self.diffusion_loss == "eps":
-            return out, eps_loss[0]
-        return out, masked_mse(x_obs, out, valid)
+        if self.diffusion_loss == "eps":  # Eq. 10 / 13, DECIDED: ||ε - ε̂(x_t, t, cond)||²
+            return out, masked_mse(eps_noisy, noise, valid)
+        return out, masked_mse(x_obs, out, valid)  # Eq. 10 / 13 as printed
+
+    def denoise(self, x_obs: Tensor, cond: Tensor, mask: Tensor,
+                noisy: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """``denoise_output`` from the observed feature ``x_obs`` [G, N, L, d] taken as x_K.
+
+        ``noisy`` = (x_t [G, N, L, d], t [G, N]), the ε-loss's sample, rides in the first estimator
+        call (one batched kernel) → (output [G, N, L, d], ε̂ of ``noisy`` or None).
+        """
+        sched, K = self.schedule, self.K
+        if self.denoise_output == "none":  # x_K itself; the estimator still trains on the ε-loss
+            eps_noisy = None if noisy is None else self.estimate(x_obs, K, cond, mask, noisy)[1]
+            return x_obs, eps_noisy
+        eps_hat, eps_noisy = self.estimate(x_obs, K, cond, mask, noisy)  # Eq. 9 at step K
+        if self.denoise_output == "x0":  # one-shot: (x_K - sqrt(1-ᾱ_K) ε̂) / sqrt(ᾱ_K)
+            return sched.x0(x_obs, eps_hat, self._steps(K, x_obs)), eps_noisy
+        out = sched.step(eps_hat, self._steps(K, x_obs), x_obs)  # reverse_chain: Eq. 8 from x_K to x_0
+        for t in range(K - 1, 0, -1):
+            out = sched.step(self.estimate(out, t, cond, mask)[0], self._steps(t, x_obs), out)
+        return out, eps_noisy
+
+    def estimate(self, x_t: Tensor, t: int, cond: Tensor, mask: Tensor,
+                 noisy: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """ε̂(x_t, t, cond) of Eq. 9: ``x_t`` [G, N, L, d] at step ``t`` → ([G, N, L, d], None).
+
+        With ``noisy`` = (x_t' [G, N, L, d], t' [G, N]) the N sequences of the ε-loss run in the
+        same estimator call (2N sequences, one batched kernel) and their ε̂ comes second.
+        """
+        G, N = x_t.shape[:2]
+        t_full = self._steps(t, x_t)
+        if noisy is None:
+            return self.net(x_t, t_full, cond, mask), None
+        x_noisy, t_noisy = noisy
+        both = self.net(torch.cat([x_t, x_noisy], 1), torch.cat([t_full, t_noisy], 1),
+                        torch.cat([cond, cond], 1), torch.cat([mask.expand(G, N, *mask.shape[2:])] * 2, 1))
+        return both[:, :N], both[:, N:]
+
+    @staticmethod
+    def _steps(t: int, like: Tensor) -> Tensor:
+        """Step ``t`` for every sequence of ``like`` [G, N, ...] → [G, N] long."""
+        return torch.full(like.shape[:2], t, device=like.device, dtype=torch.long)
 
 
 class ModalityDenoiser(nn.Module):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3bsr.batch import PAD_TIME
-from m3bsr.models.layers import (GroupedTransformerBlock, TransformerBlock, TransformerEncoder,
+from m3bsr.models.layers import (GroupedTransformerBlock, TransformerBlock, TransformerEncoder, in_length_groups,
                                  latest_index_before, or_null, run_blocks, time_mask)
 
 
@@ -65,48 +65,12 @@ class MultiExpertInterestExtractor(nn.Module):
     # ------------------------------------------------------------------------------ experts
     def forward(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor, tgt_times: Tensor,
                 query_times: Tensor, common: Tensor | None = None) -> Tensor:
-        """Pooled expert vectors. ``aux[m]``, ``tgt[m]`` [B, L, d] (same L), times [B, L],
+        """Pooled expert vectors (Eq. 14-19). ``aux[m]``, ``tgt[m]`` [B, L, d] (same L), times [B, L],
         ``query_times`` [B, P], ``common`` [B, P, d] (given when the common expert is computed
-        outside, else None) → [B, P, E, d].
-
-        Speed: windows are sorted by real length and run in up to ``length_buckets`` equal groups,
-        each trimmed to its longest window (every window is independent here and padding is masked,
-        so the result is the same; most windows of a random batch are far shorter than its longest).
-        Smaller groups also keep the temporaries in cache: on full ml100k windows, where nothing is
-        trimmed, one group of 256 trains ~1.4x slower than four of 64. At inference (no temporaries
-        kept) a batch whose groups would save less than ``MIN_SAVING`` of its padded tokens, such as
-        a length-sorted evaluation batch, runs as one group.
-        """
-        experts = self._in_length_groups(aux, tgt, aux_times, tgt_times, query_times)  # [B, P, E', d]
-        return experts if common is None else torch.cat([experts, common.unsqueeze(2)], 2)
-
-    def _in_length_groups(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor,
-                          tgt_times: Tensor, query_times: Tensor) -> Tensor:
-        """:meth:`_experts` over groups of windows of similar length (see :meth:`forward`)."""
-        B, L = aux_times.shape
-        k = min(self.length_buckets, B // MIN_BUCKET)
-        if k <= 1 or L <= 1:
-            return self._experts(aux, tgt, aux_times, tgt_times, query_times)
-        length = torch.maximum((aux_times < PAD_TIME).sum(1), (tgt_times < PAD_TIME).sum(1))  # [B]
-        order = torch.argsort(length, stable=True)
-        groups = torch.tensor_split(order, k)
-        if not self.training and sum(len(idx) * max(int(length[idx[-1]]), 1) for idx in groups) \
-                > (1 - MIN_SAVING) * B * L:  # the groups would save little padding
-            return self._experts(aux, tgt, aux_times, tgt_times, query_times)
-        parts = []
-        for idx in groups:  # a loop over <= length_buckets groups, not users
-            n = max(int(length[idx].max()), 1)
-            parts.append(self._experts({m: x[idx, :n] for m, x in aux.items()},
-                                       {m: x[idx, :n] for m, x in tgt.items()},
-                                       aux_times[idx, :n], tgt_times[idx, :n], query_times[idx]))
-        return torch.cat(parts)[torch.argsort(order)]
-
-    def _experts(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor, tgt_times: Tensor,
-                 query_times: Tensor) -> Tensor:
-        """:meth:`forward` for one group of windows (no bucketing).
+        outside, else None) → [B, P, E, d]. :meth:`by_length` runs it in groups of similar length.
 
         In eval mode with fewer queries than tokens, the last layer of each expert computes only the
-        rows its queries read (:func:`run_blocks`); training runs every row, as before.
+        rows its queries read (:func:`run_blocks`); training runs every row.
         """
         B, L, d = aux[self.modalities[0]].shape
         M = len(self.modalities)
@@ -128,15 +92,34 @@ class MultiExpertInterestExtractor(nn.Module):
             rows = torch.stack([idx_a, idx_t]).repeat_interleave(M, 0)  # [2M, B, P]
         h = run_blocks(self.specific, h, mask, rows, last_only=rows_only)  # Eq. 18-19 → [G, N, P, d]
         h = h.view(M, 2, B, P, d).transpose(0, 1) if self.share_specific else h.view(2, M, B, P, d)
+        # Pooling (DECIDED): each expert read at its latest event before the query, else its null vector.
         per_stream = h.permute(0, 2, 3, 1, 4).reshape(2, B, P, M * d)  # [2, B, P, M·d]
         null = self.null[: 2 * M].view(2, M * d)
         pooled = [or_null(per_stream[0], found_a, null[0]), or_null(per_stream[1], found_t, null[1])]
         experts = torch.cat(pooled, -1).view(B, P, 2 * M, d)  # [B, P, 2M, d]
         if self.own_common:
-            common = self._common(x[0], x[1], aux_times, tgt_times, idx_a, rows_only)  # [B, P, d]
-            c = or_null(common, found_a, self.null[-1])
+            h_common = self._common(x[0], x[1], aux_times, tgt_times, idx_a, rows_only)  # Eq. 16-17: [B, P, d]
+            c = or_null(h_common, found_a, self.null[-1])
             experts = torch.cat([experts, c.unsqueeze(2)], 2)  # [B, P, 2M+1, d]
-        return experts
+        return experts if common is None else torch.cat([experts, common.unsqueeze(2)], 2)
+
+    def by_length(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor, tgt_times: Tensor,
+                  query_times: Tensor, common: Tensor | None = None) -> Tensor:
+        """:meth:`forward` (same arguments and result) run over up to ``length_buckets`` groups of
+        windows of similar length, each trimmed to its longest window (:func:`in_length_groups`;
+        speed only: every window is independent here and padding is masked).
+
+        Most windows of a random batch are far shorter than its longest. Smaller groups also keep the
+        temporaries in cache: on full ml100k windows, where nothing is trimmed, one group of 256
+        trains ~1.4x slower than four of 64. At inference (no temporaries kept) a batch whose groups
+        would save less than ``MIN_SAVING`` of its padded tokens, such as a length-sorted evaluation
+        batch, runs as one group.
+        """
+        lengths = torch.maximum((aux_times < PAD_TIME).sum(1), (tgt_times < PAD_TIME).sum(1))  # [B]
+        return in_length_groups(self, lengths, self.length_buckets,
+                                tokens=dict(aux=aux, tgt=tgt, aux_times=aux_times, tgt_times=tgt_times),
+                                windows=dict(query_times=query_times, common=common),
+                                min_group=MIN_BUCKET, min_saving=0.0 if self.training else MIN_SAVING)
 
     def _common(self, aux: Tensor, tgt: Tensor, aux_times: Tensor, tgt_times: Tensor, rows: Tensor,
                 last_only: bool) -> Tensor:
@@ -172,12 +155,12 @@ class MultiExpertInterestExtractor(nn.Module):
             return spec
         if self.fusion == "residual":
             return experts[..., -1, :] + self.gate.to(spec.dtype) * spec
-        g = torch.sigmoid(self.w_g(flat))
-        return g * experts[..., -1, :] + (1 - g) * spec
+        g = torch.sigmoid(self.w_g(flat))  # Eq. 21
+        return g * experts[..., -1, :] + (1 - g) * spec  # Eq. 22
 
     # ------------------------------------------------------------------------------ Eq. 20
     def contrast_loss(self, e1: Tensor, e2: Tensor | None, window: Tensor) -> Tensor:
-        """Disentanglement loss over the expert vectors of N real queries.
+        """Disentanglement loss (Eq. 20) over the expert vectors of N real queries.
 
         ``e1`` [N, E, d] (first pass), ``e2`` [N, E, d] (second dropout pass; ``disentangle`` only),
         ``window`` [N] the window (user) of each query, ascending. Negatives from other users are

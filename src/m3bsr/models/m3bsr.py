@@ -389,7 +389,7 @@ class M3BSR(SequentialRecommender):
         common = self._backbone(batch) if self.merged else None  # [B, P, d]
         if self.meie is None and common is not None:  # no specific experts: the backbone alone
             return M3BSROutput(common)
-        aux, tgt, aux_times, tgt_times = self._inputs(batch)
+        aux, tgt, aux_times, tgt_times = self._inputs(batch)  # Eq. 3-5
         terms: dict[str, Tensor] = {}
         if self.cdmd_m is not None:  # Eq. 6-10
             aux_c, tgt_c, loss_m = self.cdmd_m(aux, tgt, aux_times, tgt_times, need_loss)
@@ -405,13 +405,13 @@ class M3BSR(SequentialRecommender):
             pooled = [causal_mean_pool(s[m], t, q) for s, t in ((aux, aux_times), (tgt, tgt_times))
                       for m in self.modalities]
             return M3BSROutput(torch.stack(pooled).mean(0), terms)
-        experts = self.meie(aux, tgt, aux_times, tgt_times, q, common)  # Eq. 14-19 → [B, P, E, d]
+        experts = self.meie.by_length(aux, tgt, aux_times, tgt_times, q, common)  # Eq. 14-19 → [B, P, E, d]
         second = None
         if need_loss and self.use_contrast and cfg.contrast == "disentangle":
             # NOTE: contrast DECIDED (docs/model.md) — a second dropout pass through the experts (the
             # denoised tokens are shared) gives the InfoNCE positives of Eq. 20.
             common2 = self._backbone(batch) if self.merged else None
-            second = self.meie(aux, tgt, aux_times, tgt_times, q, common2)
+            second = self.meie.by_length(aux, tgt, aux_times, tgt_times, q, common2)
         return M3BSROutput(self.meie.fuse(experts), terms, experts, second)  # Eq. 21-22
 
     def represent(self, batch: SequenceBatch) -> Tensor:
@@ -419,6 +419,7 @@ class M3BSR(SequentialRecommender):
         return self._forward(batch, need_loss=False).reps
 
     def output_layer(self) -> tuple[Tensor, Tensor | None]:
+        """Eq. 23's ``(W [n_items + 1, d], b)``: ``linear``: a Linear layer; ``tied``: the item vectors and a bias."""
         if self.cfg.scorer == "linear":
             return self.out.weight, self.out.bias
         items = torch.arange(self.n_items + 1, device=self.out_bias.device)
@@ -444,12 +445,12 @@ class M3BSR(SequentialRecommender):
         """Eq. 25, each term already weighted: ``main`` (Eq. 24), ``contrast`` (λ_c, Eq. 20),
         ``diff_m`` (λ_m, Eq. 10), ``diff_b`` (λ_b, Eq. 13); absent modules give absent terms."""
         out = self._forward(batch, need_loss=True)
-        terms = {"main": self.main_loss(out.reps, batch), **out.terms}
+        terms = {"main": self.main_loss(out.reps, batch), **out.terms}  # Eq. 24, Eq. 10 and 13
         if self.use_contrast:
             mask = batch.query_mask
             window = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
             e2 = out.second[mask] if out.second is not None else None
-            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(out.experts[mask], e2, window)
+            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(out.experts[mask], e2, window)  # Eq. 20
         return terms
 
     # ------------------------------------------------------------------------------ reference path
