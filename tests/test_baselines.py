@@ -15,6 +15,7 @@ from m3bsr.config import EvalConfig, build_config
 from m3bsr.data.batches import WindowBuilder, iterate_batches
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine.evaluate import evaluate
+from m3bsr.errors import InputError
 from m3bsr.models.registry import build_model
 
 BASELINES = ["gru4rec", "sasrec", "bert4rec", "mbstr", "mmsasrec"]
@@ -230,15 +231,30 @@ def test_mmsasrec_id_only_is_sasrec(data):
     batch = valid.batch(np.arange(4))
     with torch.no_grad():
         torch.testing.assert_close(mm.eval().score(mm.represent(batch)), sas.eval().score(sas.represent(batch)))
-    with pytest.raises(ValueError, match="model.modalities"):
+    with pytest.raises(InputError, match=r"^config key model.modalities: \['image'\] not in the dataset \(it has "
+                       r"\[\]\)\. Fix model.modalities"):
         make("mmsasrec", bare, ("model.modalities=[image]",))
 
 
-def test_sasrec_position_table_error(data):
+def test_config_errors_are_input_errors(data):
+    """A config a baseline cannot run with is the user's error: one InputError line naming the key and the
+    value that fits (the CLI prints it, exit 2), as M3BSR does, never a ValueError traceback."""
+    from m3bsr.models.sasrec import sequence_input
     _, cat, _, valid = data
-    model = make("sasrec", cat, ("model.max_positions=4",))
-    with pytest.raises(ValueError, match="max_positions"):
-        model.represent(valid.batch(np.arange(2)))
+    batch = valid.batch(np.arange(2))
+    L = sequence_input(batch, "merged", cat.target_behavior)[0].shape[1]
+    assert L > 4
+    for name, need in (("sasrec", L), ("mmsasrec", L), ("bert4rec", L + 1)):  # BERT4Rec appends [MASK]
+        model = make(name, cat, ("model.max_positions=4",))
+        with pytest.raises(InputError, match=rf"^config key model.max_positions: {name} input sequence of {need} "
+                           rf"tokens exceeds max_positions=4\. Set --set model.max_positions={need} or lower"):
+            model.represent(batch)
+        make(name, cat, (f"model.max_positions={need}",)).represent(batch)  # just long enough: runs
+    for name in ("sasrec", "mmsasrec", "bert4rec", "mbstr"):
+        with pytest.raises(InputError, match=r"^config key model.n_heads: hidden size 32 is not divisible by "
+                           r"n_heads 3\. Set --set model.n_heads to a divisor of model.hidden_size$"):
+            make(name, cat, ("model.n_heads=3",))
+        make(name, cat, ("model.n_heads=4",))
 
 
 

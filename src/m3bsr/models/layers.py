@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m3bsr.errors import input_error
+
 
 def time_mask(q_times: Tensor, k_times: Tensor, *, strict: bool) -> Tensor:
     """[B, Lq, Lk] bool: query i may see key j iff ``k_times[j] < q_times[i]`` (strict) or ``<=``.
@@ -97,6 +99,13 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+def check_heads(d: int, n_heads: int) -> None:
+    """An :class:`~m3bsr.errors.InputError` naming ``model.n_heads`` unless ``n_heads`` divides ``d``."""
+    if d % n_heads:
+        raise input_error("config key model.n_heads", f"hidden size {d} is not divisible by n_heads {n_heads}",
+                          "Set --set model.n_heads to a divisor of model.hidden_size")
+
+
 class MaskedAttention(nn.Module):
     """Multi-head (cross-)attention with a boolean mask, via ``scaled_dot_product_attention``.
 
@@ -106,8 +115,7 @@ class MaskedAttention(nn.Module):
 
     def __init__(self, d: int, n_heads: int, dropout: float):
         super().__init__()
-        if d % n_heads:
-            raise ValueError(f"hidden size {d} is not divisible by n_heads {n_heads}")
+        check_heads(d, n_heads)
         self.h = n_heads
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
@@ -253,8 +261,7 @@ class GroupedAttention(nn.Module):
 
     def __init__(self, groups: int, d: int, n_heads: int, dropout: float):
         super().__init__()
-        if d % n_heads:
-            raise ValueError(f"hidden size {d} is not divisible by n_heads {n_heads}")
+        check_heads(d, n_heads)
         self.h = n_heads
         self.q = GroupedLinear(groups, d, d)
         self.kv = GroupedLinear(groups, d, 2 * d)

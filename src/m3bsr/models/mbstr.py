@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
-from m3bsr.models.layers import gather_latest_before, merge_by_time, time_mask
+from m3bsr.models.layers import check_heads, gather_latest_before, merge_by_time, time_mask
 
 
 class MBSTRConfig(BaseModelConfig):
@@ -84,8 +84,7 @@ class MBTransformerBlock(nn.Module):
     def __init__(self, cfg: MBSTRConfig, n_behaviors: int):
         super().__init__()
         d, self.h = cfg.hidden_size, cfg.n_heads
-        if d % self.h:
-            raise ValueError(f"hidden size {d} is not divisible by n_heads {self.h}")
+        check_heads(d, self.h)
         self.nb = n_behaviors + 1
         self.cfg = cfg
         self.qkv = BehaviorLinear(n_behaviors, d, 3 * d)

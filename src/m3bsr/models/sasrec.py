@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
+from m3bsr.errors import input_error
 from m3bsr.models.base import SequentialRecommender
 from m3bsr.models.layers import TransformerEncoder, latest_index_before, merge_by_time, or_null, time_mask
 
@@ -45,10 +46,11 @@ def sequence_input(batch: SequenceBatch, mode: InputMode, target_behavior: int) 
 
 
 def check_positions(length: int, max_positions: int, name: str) -> None:
-    """A clear error when a window is longer than the learned position table."""
+    """An :class:`~m3bsr.errors.InputError` when a window is longer than the learned position table."""
     if length > max_positions:
-        raise ValueError(f"{name}: input sequence of {length} tokens exceeds model.max_positions="
-                         f"{max_positions}; set --set model.max_positions={length} or lower data.max_len")
+        raise input_error("config key model.max_positions",
+                          f"{name} input sequence of {length} tokens exceeds max_positions={max_positions}",
+                          f"Set --set model.max_positions={length} or lower data.max_len")
 
 
 def sample_negatives(positives: Tensor, n_items: int) -> Tensor:
@@ -105,7 +107,7 @@ class SASRec(SequentialRecommender):
         before it. In eval mode with fewer queries than tokens, the last layer computes only those rows."""
         items, _, times = sequence_input(batch, self.cfg.input, self.target_behavior)
         B, L = items.shape
-        check_positions(L, self.cfg.max_positions, "sasrec")
+        check_positions(L, self.cfg.max_positions, self.cfg.name)
         pos = self.pos_emb(torch.arange(L, device=items.device))  # [L, d]
         x = self.emb_ln(self.emb_drop(self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos))  # [B, L, d]
         index, found = latest_index_before(times, batch.query_times)  # [B, P]
