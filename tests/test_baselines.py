@@ -151,7 +151,7 @@ def test_bert4rec_appends_mask_after_history(data):
     _, cat, _, valid = data
     model = make("bert4rec", cat).eval()
     batch = valid.batch(np.arange(4))
-    from m3bsr.models.sasrec import sequence_input
+    from m3bsr.models.layers import sequence_input
     items, _, _ = sequence_input(batch, "merged", cat.target_behavior)
     with torch.no_grad():
         reps = model.represent(batch)[:, 0]
@@ -239,7 +239,7 @@ def test_mmsasrec_id_only_is_sasrec(data):
 def test_config_errors_are_input_errors(data):
     """A config a baseline cannot run with is the user's error: one InputError line naming the key and the
     value that fits (the CLI prints it, exit 2), as M3BSR does, never a ValueError traceback."""
-    from m3bsr.models.sasrec import sequence_input
+    from m3bsr.models.layers import sequence_input
     _, cat, _, valid = data
     batch = valid.batch(np.arange(2))
     L = sequence_input(batch, "merged", cat.target_behavior)[0].shape[1]
@@ -256,6 +256,22 @@ def test_config_errors_are_input_errors(data):
             make(name, cat, ("model.n_heads=3",))
         make(name, cat, ("model.n_heads=4",))
 
+
+
+def test_baselines_share_helpers_through_layers():
+    """Shared helpers live in models/layers.py: a baseline imports no other model's module (MM-SASRec,
+    a SASRec subclass by design, is the one exception)."""
+    import ast
+    from pathlib import Path
+
+    import m3bsr.models
+    from m3bsr.models.registry import model_names
+    models_dir = Path(m3bsr.models.__file__).parent
+    others = {f"m3bsr.models.{n}" for n in model_names()}
+    for name in ("gru4rec", "sasrec", "bert4rec", "mbstr"):
+        tree = ast.parse((models_dir / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & (others - {f"m3bsr.models.{name}"}), name
 
 
 def test_sample_negatives_is_uniform_over_the_other_items():

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import TransformerEncoder
-from m3bsr.models.sasrec import InputMode, check_positions, sequence_input
+from m3bsr.models.layers import InputMode, TransformerEncoder, check_positions, sequence_input
 
 
 class BERT4RecConfig(BaseModelConfig):

@@ -7,10 +7,13 @@ time-aware mask (docs/architecture.md "Time and causality"), not only a padding 
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from m3bsr.batch import SequenceBatch
 from m3bsr.errors import input_error
 
 
@@ -215,6 +218,34 @@ def merge_by_time(aux_items: Tensor, aux_behaviors: Tensor, aux_times: Tensor, t
     times = torch.cat([aux_times, tgt_times], 1)  # [B, L]
     times, order = torch.sort(times, dim=1, stable=True)
     return items.gather(1, order), behaviors.gather(1, order), times
+
+
+# --------------------------------------------------------------------------- single-stream input
+# What the single-stream baselines (GRU4Rec, SASRec, BERT4Rec, MM-SASRec) read, and their position check.
+
+InputMode = Literal["merged", "target"]
+
+
+def sequence_input(batch: SequenceBatch, mode: InputMode, target_behavior: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequence a single-stream model reads: ``items``, ``behaviors``, ``times``, each [B, L].
+
+    ``merged``: auxiliary + target events ordered by time (L = La + Lt); ``target``: target events
+    only (L = Lt). Left-aligned, padding (item 0, time ``PAD_TIME``) at the end.
+    """
+    if mode == "merged":
+        return merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times,
+                             batch.tgt_items, batch.tgt_times, target_behavior)
+    beh = torch.where(batch.tgt_items != 0, torch.full_like(batch.tgt_items, target_behavior),
+                      torch.zeros_like(batch.tgt_items))
+    return batch.tgt_items, beh, batch.tgt_times
+
+
+def check_positions(length: int, max_positions: int, name: str) -> None:
+    """An :class:`~m3bsr.errors.InputError` when a window is longer than the learned position table."""
+    if length > max_positions:
+        raise input_error("config key model.max_positions",
+                          f"{name} input sequence of {length} tokens exceeds max_positions={max_positions}",
+                          f"Set --set model.max_positions={length} or lower data.max_len")
 
 
 # --------------------------------------------------------------------------- grouped (stacked) blocks
