@@ -15,6 +15,7 @@ from m3bsr.config import EvalConfig, build_config
 from m3bsr.data.batches import WindowBuilder, iterate_batches
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine.evaluate import evaluate
+from m3bsr.errors import InputError
 from m3bsr.models.registry import build_model
 
 BASELINES = ["gru4rec", "sasrec", "bert4rec", "mbstr", "mmsasrec"]
@@ -150,7 +151,7 @@ def test_bert4rec_appends_mask_after_history(data):
     _, cat, _, valid = data
     model = make("bert4rec", cat).eval()
     batch = valid.batch(np.arange(4))
-    from m3bsr.models.sasrec import sequence_input
+    from m3bsr.models.layers import sequence_input
     items, _, _ = sequence_input(batch, "merged", cat.target_behavior)
     with torch.no_grad():
         reps = model.represent(batch)[:, 0]
@@ -230,16 +231,47 @@ def test_mmsasrec_id_only_is_sasrec(data):
     batch = valid.batch(np.arange(4))
     with torch.no_grad():
         torch.testing.assert_close(mm.eval().score(mm.represent(batch)), sas.eval().score(sas.represent(batch)))
-    with pytest.raises(ValueError, match="model.modalities"):
+    with pytest.raises(InputError, match=r"^config key model.modalities: \['image'\] not in the dataset \(it has "
+                       r"\[\]\)\. Fix model.modalities"):
         make("mmsasrec", bare, ("model.modalities=[image]",))
 
 
-def test_sasrec_position_table_error(data):
+def test_config_errors_are_input_errors(data):
+    """A config a baseline cannot run with is the user's error: one InputError line naming the key and the
+    value that fits (the CLI prints it, exit 2), as M3BSR does, never a ValueError traceback."""
+    from m3bsr.models.layers import sequence_input
     _, cat, _, valid = data
-    model = make("sasrec", cat, ("model.max_positions=4",))
-    with pytest.raises(ValueError, match="max_positions"):
-        model.represent(valid.batch(np.arange(2)))
+    batch = valid.batch(np.arange(2))
+    L = sequence_input(batch, "merged", cat.target_behavior)[0].shape[1]
+    assert L > 4
+    for name, need in (("sasrec", L), ("mmsasrec", L), ("bert4rec", L + 1)):  # BERT4Rec appends [MASK]
+        model = make(name, cat, ("model.max_positions=4",))
+        with pytest.raises(InputError, match=rf"^config key model.max_positions: {name} input sequence of {need} "
+                           rf"tokens exceeds max_positions=4\. Set --set model.max_positions={need} or lower"):
+            model.represent(batch)
+        make(name, cat, (f"model.max_positions={need}",)).represent(batch)  # just long enough: runs
+    for name in ("sasrec", "mmsasrec", "bert4rec", "mbstr"):
+        with pytest.raises(InputError, match=r"^config key model.n_heads: hidden size 32 is not divisible by "
+                           r"n_heads 3\. Set --set model.n_heads to a divisor of model.hidden_size$"):
+            make(name, cat, ("model.n_heads=3",))
+        make(name, cat, ("model.n_heads=4",))
 
+
+
+def test_baselines_share_helpers_through_layers():
+    """Shared helpers live in models/layers.py: a baseline imports no other model's module (MM-SASRec,
+    a SASRec subclass by design, is the one exception)."""
+    import ast
+    from pathlib import Path
+
+    import m3bsr.models
+    from m3bsr.models.registry import model_names
+    models_dir = Path(m3bsr.models.__file__).parent
+    others = {f"m3bsr.models.{n}" for n in model_names()}
+    for name in ("gru4rec", "sasrec", "bert4rec", "mbstr"):
+        tree = ast.parse((models_dir / f"{name}.py").read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        assert not imported & (others - {f"m3bsr.models.{name}"}), name
 
 
 def test_sample_negatives_is_uniform_over_the_other_items():

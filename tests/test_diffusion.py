@@ -8,7 +8,7 @@ import torch
 
 from m3bsr.models.denoiser import ConditionalDenoiser, DiffusionDenoising, masked_mse
 from m3bsr.models.diffusion import NoiseSchedule
-from m3bsr.models.layers import GroupedTransformerBlock, TransformerBlock, time_mask
+from m3bsr.models.layers import GroupedTransformerBlock, TransformerBlock, masked_sdpa, split_heads, time_mask
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,6 +78,28 @@ def test_x0_estimate_with_true_noise_is_exact():
     x_t = s.add_noise(x0, eps, t)
     torch.testing.assert_close(s.x0(x_t, eps, t), x0, atol=1e-5, rtol=1e-5)
     assert (s.x0(x_t, torch.zeros_like(eps), t) - x0).abs().max() > 0.1
+
+
+def test_masked_sdpa_is_softmax_attention_over_visible_keys():
+    """The attention core of every block: softmax(q k^T / sqrt(dh) + bias) v over the visible keys, heads
+    merged; a query with no visible key is flagged (has_key False) and stays finite."""
+    torch.manual_seed(0)
+    N, h, Lq, Lk, dh = 2, 2, 4, 5, 3
+    x = torch.randn(N, Lk, 3 * h * dh)
+    q, k, v = split_heads(x, h, 3)  # each [N, h, Lk, dh]
+    q = q[:, :, :Lq]
+    assert q.shape == (N, h, Lq, dh) and torch.equal(k[0, 1, 2], x[0, 2, h * dh + dh: h * dh + 2 * dh])
+    mask = torch.rand(N, 1, Lq, Lk) > 0.4
+    mask[:, :, 0, 0] = True
+    mask[1, 0, 2] = False  # a query with no visible key
+    for bias in (None, torch.randn(N, h, Lq, Lk)):
+        y, has_key = masked_sdpa(q, k, v, mask, 0.0, bias=bias)
+        scores = q @ k.transpose(-1, -2) / dh ** 0.5 + (0 if bias is None else bias)
+        want = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ v  # [N, h, Lq, dh]
+        want = want.transpose(1, 2).reshape(N, Lq, h * dh)
+        assert y.shape == (N, Lq, h * dh) and torch.equal(has_key, mask.any(-1).transpose(1, 2))
+        assert torch.isfinite(y).all() and not has_key[1, 2, 0]
+        torch.testing.assert_close(y[has_key[..., 0]], want[has_key[..., 0]], atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_block_equals_independent_blocks():

@@ -26,8 +26,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import TransformerEncoder
-from m3bsr.models.sasrec import InputMode, check_positions, sequence_input
+from m3bsr.models.layers import InputMode, TransformerEncoder, check_positions, sequence_input
 
 
 class BERT4RecConfig(BaseModelConfig):
@@ -68,7 +67,7 @@ class BERT4Rec(SequentialRecommender):
     def encode_tokens(self, tokens: Tensor) -> Tensor:
         """Bidirectional encoder over non-padding tokens: [N, L] → [N, L, d]."""
         N, L = tokens.shape
-        check_positions(L, self.cfg.max_positions, "bert4rec")
+        check_positions(L, self.cfg.max_positions, self.cfg.name)
         x = self.item_emb(tokens) + self.pos_emb(torch.arange(L, device=tokens.device))  # [N, L, d]
         x = self.emb_ln(self.emb_drop(x))
         mask = (tokens != 0).unsqueeze(1).expand(N, L, L)  # [N, L, L]: every real token sees every real token

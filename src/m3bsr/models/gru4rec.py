@@ -21,8 +21,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import gather_latest_before
-from m3bsr.models.sasrec import InputMode, sequence_input
+from m3bsr.models.layers import InputMode, gather_latest_before, sequence_input
 
 
 class GRU4RecConfig(BaseModelConfig):

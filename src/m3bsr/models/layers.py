@@ -7,11 +7,14 @@ time-aware mask (docs/architecture.md "Time and causality"), not only a padding 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from m3bsr.batch import SequenceBatch
+from m3bsr.errors import input_error
 
 
 def time_mask(q_times: Tensor, k_times: Tensor, *, strict: bool) -> Tensor:
@@ -99,6 +102,43 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+# --------------------------------------------------------------------------- the attention core
+# Every attention of the models (MaskedAttention, GroupedAttention, MB-STR's behavior-aware block) splits
+# heads with split_heads and attends with masked_sdpa; they differ only in their projections.
+
+
+def check_heads(d: int, n_heads: int) -> None:
+    """An :class:`~m3bsr.errors.InputError` naming ``model.n_heads`` unless ``n_heads`` divides ``d``."""
+    if d % n_heads:
+        raise input_error("config key model.n_heads", f"hidden size {d} is not divisible by n_heads {n_heads}",
+                          "Set --set model.n_heads to a divisor of model.hidden_size")
+
+
+def split_heads(x: Tensor, n_heads: int, parts: int = 1) -> Tensor:
+    """``x`` [N, L, parts * d] (e.g. keys and values side by side) → [parts, N, n_heads, L, d / n_heads] (a view)."""
+    N, L, width = x.shape
+    return x.view(N, L, parts, n_heads, width // (parts * n_heads)).permute(2, 0, 3, 1, 4)
+
+
+def masked_sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout_p: float,
+                bias: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``scaled_dot_product_attention`` with a boolean mask (True = may attend) that never returns NaN.
+
+    Shapes: ``q`` [N, h, Lq, dh], ``k``, ``v`` [N, h, Lk, dh], ``mask`` [N, 1, Lq, Lk] bool, optional
+    additive ``bias`` [N, h, Lq, Lk] (MB-STR's relative-position bias) → heads merged [N, Lq, h * dh] and
+    ``has_key`` [N, Lq, 1] bool. A query that sees no key (SDPA would give NaN) attends to every key
+    instead; the caller zeroes its output with ``has_key`` after the output projection.
+    """
+    has_key = mask.any(-1, keepdim=True)  # [N, 1, Lq, 1]
+    safe = mask | ~has_key
+    attn_mask = safe if bias is None else bias.masked_fill(~safe, float("-inf"))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # [N, h, Lq, dh]
+    return y.transpose(1, 2).flatten(2), has_key.squeeze(1)
+
+
+# --------------------------------------------------------------------------- attention blocks
+
+
 class MaskedAttention(nn.Module):
     """Multi-head (cross-)attention with a boolean mask, via ``scaled_dot_product_attention``.
 
@@ -108,8 +148,7 @@ class MaskedAttention(nn.Module):
 
     def __init__(self, d: int, n_heads: int, dropout: float):
         super().__init__()
-        if d % n_heads:
-            raise ValueError(f"hidden size {d} is not divisible by n_heads {n_heads}")
+        check_heads(d, n_heads)
         self.h = n_heads
         self.q = nn.Linear(d, d)
         self.kv = nn.Linear(d, 2 * d)
@@ -117,18 +156,10 @@ class MaskedAttention(nn.Module):
         self.dropout = dropout
 
     def forward(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
-        B, Lq, d = q.shape
-        Lk = kv.shape[1]
-        h = self.h
-        qh = self.q(q).view(B, Lq, h, d // h).transpose(1, 2)  # [B, h, Lq, dh]
-        k, v = self.kv(kv).view(B, Lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # each [B, h, Lk, dh]
-        any_key = mask.any(-1, keepdim=True)  # [B, Lq, 1]
-        # A fully masked row makes SDPA return NaN; let it see everything, then zero it.
-        safe = mask | ~any_key
-        y = F.scaled_dot_product_attention(qh, k, v, attn_mask=safe.unsqueeze(1),
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, Lq, d)  # [B, Lq, d]
-        return self.out(y) * any_key.to(y.dtype)
+        (qh,) = split_heads(self.q(q), self.h)  # [B, h, Lq, dh]
+        k, v = split_heads(self.kv(kv), self.h, 2)  # each [B, h, Lk, dh]
+        y, has_key = masked_sdpa(qh, k, v, mask.unsqueeze(1), self.dropout if self.training else 0.0)  # [B, Lq, d]
+        return self.out(y) * has_key.to(y.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -136,6 +167,13 @@ class TransformerBlock(nn.Module):
 
     ``kv=None`` makes it self-attention. Shapes: ``x`` [B, Lq, d], ``kv`` [B, Lk, d],
     ``mask`` [B, Lq, Lk] bool → [B, Lq, d].
+
+    Why a twin of :class:`GroupedTransformerBlock` (the same maths, tested equal per group): this one
+    holds ``nn.Linear``/``nn.LayerNorm`` weights, with their initialisation and ``[d_out, d_in]`` layout:
+    the parameters of every saved SASRec, BERT4Rec, MM-SASRec and M3BSR backbone checkpoint. A one-group
+    grouped block would store them stacked and transposed (``[1, d_in, d_out]``, other names), so old
+    checkpoints would need converting and fresh runs would draw other initial weights. The grouped one
+    stacks G weight sets for one batched call. Both attend through :func:`masked_sdpa`.
     """
 
     def __init__(self, d: int, n_heads: int, dropout: float):
@@ -211,6 +249,34 @@ def merge_by_time(aux_items: Tensor, aux_behaviors: Tensor, aux_times: Tensor, t
     return items.gather(1, order), behaviors.gather(1, order), times
 
 
+# --------------------------------------------------------------------------- single-stream input
+# What the single-stream baselines (GRU4Rec, SASRec, BERT4Rec, MM-SASRec) read, and their position check.
+
+InputMode = Literal["merged", "target"]
+
+
+def sequence_input(batch: SequenceBatch, mode: InputMode, target_behavior: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequence a single-stream model reads: ``items``, ``behaviors``, ``times``, each [B, L].
+
+    ``merged``: auxiliary + target events ordered by time (L = La + Lt); ``target``: target events
+    only (L = Lt). Left-aligned, padding (item 0, time ``PAD_TIME``) at the end.
+    """
+    if mode == "merged":
+        return merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times,
+                             batch.tgt_items, batch.tgt_times, target_behavior)
+    beh = torch.where(batch.tgt_items != 0, torch.full_like(batch.tgt_items, target_behavior),
+                      torch.zeros_like(batch.tgt_items))
+    return batch.tgt_items, beh, batch.tgt_times
+
+
+def check_positions(length: int, max_positions: int, name: str) -> None:
+    """An :class:`~m3bsr.errors.InputError` when a window is longer than the learned position table."""
+    if length > max_positions:
+        raise input_error("config key model.max_positions",
+                          f"{name} input sequence of {length} tokens exceeds max_positions={max_positions}",
+                          f"Set --set model.max_positions={length} or lower data.max_len")
+
+
 # --------------------------------------------------------------------------- grouped (stacked) blocks
 # G independent weight sets applied in one batched kernel each: M3BSR runs its seven denoisers and
 # six specific experts as a few grouped calls instead of one small call per module.
@@ -255,8 +321,7 @@ class GroupedAttention(nn.Module):
 
     def __init__(self, groups: int, d: int, n_heads: int, dropout: float):
         super().__init__()
-        if d % n_heads:
-            raise ValueError(f"hidden size {d} is not divisible by n_heads {n_heads}")
+        check_heads(d, n_heads)
         self.h = n_heads
         self.q = GroupedLinear(groups, d, d)
         self.kv = GroupedLinear(groups, d, 2 * d)
@@ -265,23 +330,20 @@ class GroupedAttention(nn.Module):
 
     def forward(self, q: Tensor, kv: Tensor, mask: Tensor) -> Tensor:
         G, N, Lq, d = q.shape
-        Lk, h = kv.shape[2], self.h
-        qh = self.q(q).view(G * N, Lq, h, d // h).transpose(1, 2)  # [G*N, h, Lq, dh]
-        k, v = self.kv(kv).view(G * N, Lk, 2, h, d // h).permute(2, 0, 3, 1, 4)  # each [G*N, h, Lk, dh]
+        Lk = kv.shape[2]
+        (qh,) = split_heads(self.q(q).flatten(0, 1), self.h)  # [G*N, h, Lq, dh]
+        k, v = split_heads(self.kv(kv).flatten(0, 1), self.h, 2)  # each [G*N, h, Lk, dh]
         mask = mask.expand(G, N, Lq, Lk).reshape(G * N, 1, Lq, Lk)
-        any_key = mask.any(-1)  # [G*N, 1, Lq]
-        safe = mask | ~any_key.unsqueeze(-1)  # a fully masked row makes SDPA return NaN
-        y = F.scaled_dot_product_attention(qh, k, v, attn_mask=safe,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(G, N, Lq, d)  # [G, N, Lq, d]
-        return self.out(y) * any_key.view(G, N, Lq, 1).to(y.dtype)
+        y, has_key = masked_sdpa(qh, k, v, mask, self.dropout if self.training else 0.0)  # [G*N, Lq, d]
+        return self.out(y.view(G, N, Lq, d)) * has_key.view(G, N, Lq, 1).to(y.dtype)
 
 
 class GroupedTransformerBlock(nn.Module):
     """G independent post-LN blocks: ``x = LN(x + Attn(x, kv)); x = LN(x + FFN(x))``.
 
     Shapes: ``x`` [G, N, Lq, d], ``kv`` [G, N, Lk, d] (``None``: self-attention),
-    ``mask`` [G or 1, N, Lq, Lk] bool → [G, N, Lq, d].
+    ``mask`` [G or 1, N, Lq, Lk] bool → [G, N, Lq, d]. Each group computes :class:`TransformerBlock`
+    (why both exist: its docstring).
     """
 
     def __init__(self, groups: int, d: int, n_heads: int, dropout: float):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
-from m3bsr.models.layers import gather_latest_before, merge_by_time, time_mask
+from m3bsr.models.layers import check_heads, gather_latest_before, masked_sdpa, merge_by_time, split_heads, time_mask
 
 
 class MBSTRConfig(BaseModelConfig):
@@ -79,13 +79,16 @@ class BehaviorLinear(nn.Module):
 
 
 class MBTransformerBlock(nn.Module):
-    """Behavior-aware self-attention + behavior-specific FFN (post-LN). Shapes: [B, L, d] → [B, L, d]."""
+    """Behavior-aware self-attention + behavior-specific FFN (post-LN). Shapes: [B, L, d] → [B, L, d].
+
+    It attends through the shared core (``split_heads``, ``masked_sdpa``); a block of its own because its
+    projections are chosen per token behavior and its attention adds the per-head relative bias.
+    """
 
     def __init__(self, cfg: MBSTRConfig, n_behaviors: int):
         super().__init__()
         d, self.h = cfg.hidden_size, cfg.n_heads
-        if d % self.h:
-            raise ValueError(f"hidden size {d} is not divisible by n_heads {self.h}")
+        check_heads(d, self.h)
         self.nb = n_behaviors + 1
         self.cfg = cfg
         self.qkv = BehaviorLinear(n_behaviors, d, 3 * d)
@@ -98,15 +101,12 @@ class MBTransformerBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, beh: Tensor, mask: Tensor, bucket: Tensor) -> Tensor:
-        B, L, d = x.shape
-        h = self.h
-        q, k, v = self.qkv(x, beh).view(B, L, 3, h, d // h).permute(2, 0, 3, 1, 4)  # each [B, h, L, dh]
+        q, k, v = split_heads(self.qkv(x, beh), self.h, 3)  # each [B, h, L, dh]
         pair = (bucket * self.nb + beh[:, :, None]) * self.nb + beh[:, None, :]  # [B, L, L]
         bias = self.bias(pair).permute(0, 3, 1, 2).to(q.dtype)  # [B, h, L, L]
-        bias = bias.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                           dropout_p=self.cfg.dropout if self.training else 0.0)
-        x = self.ln1(x + self.drop(self.out(y.transpose(1, 2).reshape(B, L, d))))
+        y, has_key = masked_sdpa(q, k, v, mask.unsqueeze(1), self.cfg.dropout if self.training else 0.0,
+                                 bias=bias)  # [B, L, d]
+        x = self.ln1(x + self.drop(self.out(y) * has_key.to(y.dtype)))
         return self.ln2(x + self.drop(self.ffn2(self.drop(F.gelu(self.ffn1(x, beh))), beh)))
 
 

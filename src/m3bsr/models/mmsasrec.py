@@ -20,6 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue
+from m3bsr.errors import input_error
 from m3bsr.models.sasrec import SASRec, SASRecConfig
 
 
@@ -41,8 +42,9 @@ class MMSASRec(SASRec):
         wanted = list(catalogue.features) if cfg.modalities is None else cfg.modalities
         unknown = [m for m in wanted if m not in catalogue.features]
         if unknown:
-            raise ValueError(f"model.modalities: {unknown} not in the dataset (it has {list(catalogue.features)}); "
-                             "fix model.modalities or prepare the dataset with these features")
+            raise input_error("config key model.modalities",
+                              f"{unknown} not in the dataset (it has {list(catalogue.features)})",
+                              "Fix model.modalities or prepare the dataset with these features")
         self.modalities = wanted
         for m in wanted:
             # Frozen features are not parameters and not saved in checkpoints (the catalogue supplies them).

@@ -25,31 +25,8 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import TransformerEncoder, latest_index_before, merge_by_time, or_null, time_mask
-
-InputMode = Literal["merged", "target"]
-
-
-def sequence_input(batch: SequenceBatch, mode: InputMode, target_behavior: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The sequence a single-stream model reads: ``items``, ``behaviors``, ``times``, each [B, L].
-
-    ``merged``: auxiliary + target events ordered by time (L = La + Lt); ``target``: target events
-    only (L = Lt). Left-aligned, padding (item 0, time ``PAD_TIME``) at the end.
-    """
-    if mode == "merged":
-        return merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times,
-                             batch.tgt_items, batch.tgt_times, target_behavior)
-    beh = torch.where(batch.tgt_items != 0, torch.full_like(batch.tgt_items, target_behavior),
-                      torch.zeros_like(batch.tgt_items))
-    return batch.tgt_items, beh, batch.tgt_times
-
-
-def check_positions(length: int, max_positions: int, name: str) -> None:
-    """A clear error when a window is longer than the learned position table."""
-    if length > max_positions:
-        raise ValueError(f"{name}: input sequence of {length} tokens exceeds model.max_positions="
-                         f"{max_positions}; set --set model.max_positions={length} or lower data.max_len")
-
+from m3bsr.models.layers import (InputMode, TransformerEncoder, check_positions, latest_index_before, or_null,
+                                 sequence_input, time_mask)
 
 def sample_negatives(positives: Tensor, n_items: int) -> Tensor:
     """One item per positive, uniform over ``1..n_items`` without the positive itself. Shapes: [N] → [N].
@@ -105,7 +82,7 @@ class SASRec(SequentialRecommender):
         before it. In eval mode with fewer queries than tokens, the last layer computes only those rows."""
         items, _, times = sequence_input(batch, self.cfg.input, self.target_behavior)
         B, L = items.shape
-        check_positions(L, self.cfg.max_positions, "sasrec")
+        check_positions(L, self.cfg.max_positions, self.cfg.name)
         pos = self.pos_emb(torch.arange(L, device=items.device))  # [L, d]
         x = self.emb_ln(self.emb_drop(self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos))  # [B, L, d]
         index, found = latest_index_before(times, batch.query_times)  # [B, P]
