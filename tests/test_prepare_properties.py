@@ -114,7 +114,9 @@ def _check_invariants(out: Path, rows: list[tuple], p: dict) -> None:
 def test_prepare_gives_a_valid_dataset_or_a_clean_input_error():
     outcomes: Counter = Counter()
 
-    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    # derandomize: the same 40 logs on every run, so the "both branches exercised" count below cannot
+    # flake (random draws once gave only 2 valid logs)
+    @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(p=logs)
     def check(p):
         with tempfile.TemporaryDirectory() as tmp:
