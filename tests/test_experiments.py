@@ -1,0 +1,113 @@
+"""``m3bsr experiment`` and ``m3bsr report``: each experiment end to end on a tiny dataset with tiny runs
+(one epoch, hidden size 8), run reuse on a second call, and the assembled report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_tiny_prepared
+from m3bsr.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--set", "train.max_epochs=1", "--set", "model.hidden_size=8", "--set", "train.device=cpu",
+        "--set", "model.n_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_prepared(tmp_path_factory.mktemp("data") / "tiny", n_users=24, n_items=40)
+
+
+def experiment(name, data, out, *extra):
+    code = cli_main(["experiment", name, "--dataset", str(data), "--out", str(out), "--quiet", *TINY, *extra])
+    assert code == 0
+    return pd.read_csv(out / "results.csv")
+
+
+def check_outputs(out, name):
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / f"{name}.md").read_text()
+    assert f"![{name}]({name}.png)" in md
+    meta = json.loads((out / "experiment.json").read_text())
+    assert meta["name"] == name
+    return md, meta
+
+
+def test_ablation_end_to_end_then_reuses_its_runs(tiny, tmp_path, capsys):
+    out = tmp_path / "abl"
+    table = experiment("ablation", tiny, out, "--seeds", "0", "--set", "ablation.switches=[no_meie]",
+                       "--variants", "fusion=gate")
+    entries = ["m3bsr@paper", "m3bsr@paper+no_meie=true", "m3bsr@paper+fusion=gate"]
+    assert sorted(table["model"].unique()) == sorted(entries)
+    assert len(table) == 3 * 2 * 2  # entries x splits x protocols
+    assert not table["NDCG@10"].isna().any()
+    md, meta = check_outputs(out, "ablation")
+    assert meta["entries"] == entries
+    assert "removing MEIE hurts most (full)" in md and "every removal hurts (sampled)" in md
+    assert all(c["held"] in (True, False) for c in meta["claims"])
+    capsys.readouterr()
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    again = experiment("ablation", tiny, out, "--seeds", "0", "--set", "ablation.switches=[no_meie]",
+                       "--variants", "fusion=gate")
+    assert "3 runs done" in (said := capsys.readouterr().out) and "(0 trained, 3 reused)" in said
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")} == mtimes  # nothing retrained
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_ablation_claims_are_computed_from_the_numbers():
+    from m3bsr.experiments.ablation import claims
+
+    idx = pd.MultiIndex.from_product([["sampled", "full"], ["base", "base+no_meie=true", "base+no_cdmd_m=true"]])
+    mean = pd.DataFrame({"NDCG@10": [0.30, 0.20, 0.25] * 2}, index=idx)
+    got = {c["claim"]: c["held"] for c in claims(mean, "base", ["base+no_meie=true", "base+no_cdmd_m=true"])}
+    assert got == {"every removal hurts (sampled)": True, "removing MEIE hurts most (sampled)": True,
+                   "every removal hurts (full)": True, "removing MEIE hurts most (full)": True}
+    mean.loc[("full", "base+no_cdmd_m=true"), "NDCG@10"] = 0.10  # the largest drop is now CDMD-M ...
+    mean.loc[("sampled", "base+no_cdmd_m=true"), "NDCG@10"] = 0.31  # ... and here a removal helps
+    got = {c["claim"]: c["held"] for c in claims(mean, "base", ["base+no_meie=true", "base+no_cdmd_m=true"])}
+    assert got["removing MEIE hurts most (full)"] is False and got["every removal hurts (sampled)"] is False
+    assert got["every removal hurts (full)"] is True
+
+
+def test_bad_entries_and_settings_are_one_line_errors(tiny, tmp_path, capsys):
+    base = ["experiment", "ablation", "--dataset", str(tiny), "--out", str(tmp_path / "x")]
+    assert cli_main(base + ["--models", "nosuch"]) == 2
+    assert "unknown model 'nosuch'" in capsys.readouterr().err
+    assert cli_main(base + ["--set", "ablation.nosuch=1"]) == 2
+    assert "ablation.nosuch" in capsys.readouterr().err
+    assert cli_main(base + ["--variants", "nosuchkey=1", *TINY]) == 2
+    assert "nosuchkey" in capsys.readouterr().err
+
+
+def test_report_embeds_every_figure_and_links_them_in_markdown(tmp_path, capsys):
+    dirs = []
+    for name in ("ablation", "noise"):  # two hand-made sections, one with two figures
+        d = tmp_path / name
+        d.mkdir()
+        png = b"\x89PNG\r\n\x1a\n" + name.encode()
+        (d / f"{name}.png").write_bytes(png)
+        extra = ""
+        if name == "noise":
+            (d / "noise_swap.png").write_bytes(png + b"2")
+            extra = "![swap](noise_swap.png)\n"
+        (d / f"{name}.md").write_text(f"## {name}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![{name}]({name}.png)\n{extra}")
+        (d / "experiment.json").write_text(json.dumps({"name": name}))
+        dirs.append(d)
+    out = tmp_path / "rep" / "report"
+    assert cli_main(["report", *map(str, dirs), "--out", str(out)]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    import base64
+
+    for d, files in zip(dirs, (["ablation.png"], ["noise.png", "noise_swap.png"])):
+        for f in files:
+            assert f"data:image/png;base64,{base64.b64encode((d / f).read_bytes()).decode()}" in page
+    assert page.count("<img") == 3 and page.count("<table>") == 2
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "](../ablation/ablation.png)" in md and "](../noise/noise_swap.png)" in md
+    assert cli_main(["report", str(tmp_path), "--out", str(out)]) == 2
+    assert "no experiment.json" in capsys.readouterr().err
