@@ -115,18 +115,18 @@ def test_report_embeds_every_figure_and_links_them_in_markdown(tmp_path, capsys)
 
 def test_noise_trains_every_model_at_every_level_on_noisy_copies(tiny, tmp_path):
     out = tmp_path / "noise"
-    table = experiment("noise", tiny, out, "--seeds", "0", "--models", "m3bsr,sasrec",
+    table = experiment("noise", tiny, out, "--seeds", "0", "--models", "m3bsr,pop",
                        "--set", "noise.kinds=[clicks,swap]", "--set", "noise.clicks=[0,0.5]",
                        "--set", "noise.swap=[0,0.5]")
     test = table[(table["split"] == "test")]
     assert sorted(set(zip(test["kind"], test["level"]))) == [("clicks", 0.0), ("clicks", 0.5), ("swap", 0.0),
                                                              ("swap", 0.5)]
-    assert set(test["model"]) == {"m3bsr", "sasrec"} and not test["NDCG@10"].isna().any()
+    assert set(test["model"]) == {"m3bsr", "pop"} and not test["NDCG@10"].isna().any()
     # level 0 is the clean data, trained once and shared; each noisy level is its own prepared copy
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["clean", "clicks-0.5", "swap-0.5"]
     noisy = json.loads((out / "data" / "clicks-0.5" / "manifest.json").read_text())["noise"]
     assert noisy["kind"] == "clicks" and noisy["level"] == 0.5 and noisy["changed"] > 0
-    cfg = (out / "runs" / "swap-0.5" / "sasrec-s0" / "config.yaml").read_text()
+    cfg = (out / "runs" / "swap-0.5" / "pop-s0" / "config.yaml").read_text()
     assert str((out / "data" / "swap-0.5").resolve()) in cfg
     md, meta = check_outputs(out, "noise")
     assert "M3BSR falls slowest under clicks noise (full)" in md
