@@ -132,3 +132,40 @@ def test_noise_trains_every_model_at_every_level_on_noisy_copies(tiny, tmp_path)
     assert "M3BSR falls slowest under clicks noise (full)" in md
     clean = test[test["level"] == 0].groupby(["model", "protocol"])["NDCG@10"].nunique()
     assert (clean == 1).all()  # the clean runs are shared by both kinds
+
+
+def test_coldstart_splits_users_by_training_interactions(tiny, tmp_path):
+    from m3bsr.experiments.coldstart import training_interactions
+    from m3bsr.data.prepared import PreparedDataset
+
+    n = training_interactions(tiny)
+    ds = PreparedDataset.load(tiny)
+    valid_order = dict(zip(ds.valid.user, ds.valid.order))
+    u = int(ds.users["user"].iloc[0])
+    assert n[u] == int((ds.events[ds.events["user"] == u]["order"] < valid_order[u]).sum())
+    cut = int(n.median())
+    out = tmp_path / "cold"
+    table = experiment("coldstart", tiny, out, "--seeds", "0", "--models", "m3bsr,pop",
+                       "--set", f"coldstart.max_train={cut}")
+    cold = table[table["group"] == "cold"]
+    assert set(cold["users"]) == {int((n <= cut).sum())} and set(table[table["group"] == "all"]["users"]) == {len(n)}
+    md, meta = check_outputs(out, "coldstart")
+    assert meta["cold_users"] == int((n <= cut).sum()) and "M3BSR is best on cold-start users (full)" in md
+    # a second call on another output folder reuses the runs of the first (as of a compare --out)
+    again = experiment("coldstart", tiny, tmp_path / "cold2", "--seeds", "0", "--models", "m3bsr,pop",
+                       "--set", f"coldstart.max_train={cut}", "--set", f"coldstart.runs={out}")
+    assert not (tmp_path / "cold2" / "runs").exists()
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
+    out = tmp_path / "sens"
+    table = experiment("sensitivity", tiny, out, "--seeds", "0", "--set",
+                       'sensitivity.grids={a: "T_b=5,10 lambda_b=0.02", b: "tau=0.3 lambda_c=0.05,0.1"}')
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [  # the default cell is trained once
+        "m3bsr@paper+T_b=5-s0", "m3bsr@paper+lambda_c=0.1-s0", "m3bsr@paper-s0"]
+    assert len(table) == 4 and set(table["split"]) == {"valid"}
+    base = table[table["entry"] == "m3bsr@paper"]["NDCG@10"]
+    assert base.nunique() == 1 and len(base) == 2
+    md, meta = check_outputs(out, "sensitivity")
+    assert sum(c["claim"].endswith("across the grid") for c in meta["claims"]) == 2

@@ -44,23 +44,35 @@ class NoiseSettings(StrictModel):
     seed: int = Field(0, description="seed of the noise draws (the same noisy data for every model and run seed)")
 
 
+COMPARE_MODELS = ["pop", "gru4rec", "sasrec", "bert4rec", "mbstr", "mmsasrec", "m3bsr", "m3bsr@paper"]
+
+
 class ColdstartSettings(StrictModel):
-    max_train: int = Field(10, ge=0, description="cold users: at most this many training target events")
+    """Cold users: at most ``max_train`` training interactions (events before the user's valid target)."""
+
+    models: list[str] = Field(default_factory=lambda: list(COMPARE_MODELS))
+    max_train: int = Field(10, ge=0, description="cold users: at most this many training interactions")
+    count: Literal["all", "target"] = Field("all", description="count events of both streams, or target events only")
+    runs: str | None = Field(None, description="a `m3bsr compare --out` directory whose runs/ are reused "
+                             "(default: OUT/runs)")
 
 
 class CostSettings(StrictModel):
+    models: list[str] = Field(default_factory=lambda: list(COMPARE_MODELS))
+    runs: str | None = Field(None, description="a `m3bsr compare --out` directory whose runs/ are reused")
     predictions: int = Field(50, ge=1, description="single-user top-10 predictions timed per model")
     steps: int = Field(3, ge=1, description="training steps measured for the peak memory")
 
 
 class SensitivitySettings(StrictModel):
-    """2-D grids on validation; ``grids`` maps a name to two axes ``KEY=V1,V2,...`` (model. keys)."""
+    """2-D grids on validation; ``grids`` maps a name to two axes written as ``m3bsr sweep --grid``:
+    ``"model.KEY=V1,V2,... model.KEY=V1,V2,..."`` (a key without a dot is a model key)."""
 
     model: str = "m3bsr@paper"
-    grids: dict[str, list[str]] = Field(default_factory=lambda: {
-        "T_b x lambda_b": ["model.T_b=5,10,15", "model.lambda_b=0.01,0.02,0.04"],
-        "T_m x lambda_m": ["model.T_m=5,10,15", "model.lambda_m=0.01,0.02,0.04"],
-        "tau x lambda_c": ["model.tau=0.1,0.3,0.5", "model.lambda_c=0.025,0.05,0.1"]})
+    grids: dict[str, str] = Field(default_factory=lambda: {
+        "T_b x lambda_b": "model.T_b=5,10,15 model.lambda_b=0.01,0.02,0.04",
+        "T_m x lambda_m": "model.T_m=5,10,15 model.lambda_m=0.01,0.02,0.04",
+        "tau x lambda_c": "model.tau=0.1,0.3,0.5 model.lambda_c=0.025,0.05,0.1"})
     metric: str = "NDCG@10"
     protocol: Literal["sampled", "full"] = "full"
     spread: float = Field(0.016, ge=0, description="the claim: (max - min) / max of each grid at most this")
