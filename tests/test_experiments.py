@@ -169,3 +169,16 @@ def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
     assert base.nunique() == 1 and len(base) == 2
     md, meta = check_outputs(out, "sensitivity")
     assert sum(c["claim"].endswith("across the grid") for c in meta["claims"]) == 2
+
+
+def test_cost_reads_epoch_times_and_measures_memory_and_latency(tiny, tmp_path):
+    out = tmp_path / "cost"
+    table = experiment("cost", tiny, out, "--seeds", "0", "--models", "sasrec,pop", "--set", "cost.predictions=3",
+                       "--set", "cost.steps=1")
+    assert list(table["model"]) == ["sasrec", "pop"]
+    runs = {m: json.loads((out / "runs" / f"{m}-s0" / "metrics.json").read_text()) for m in ("sasrec", "pop")}
+    assert table["seconds_per_epoch"].tolist() == pytest.approx(
+        [runs["sasrec"]["seconds_per_epoch"], runs["pop"]["seconds_per_epoch"]], rel=1e-5)
+    assert (table["ms_per_prediction"] > 0).all()
+    assert table.loc[0, "peak_memory_mb"] > 10 and np.isnan(table.loc[1, "peak_memory_mb"])  # pop trains no step
+    check_outputs(out, "cost")
