@@ -171,6 +171,7 @@ def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
     assert sum(c["claim"].endswith("across the grid") for c in meta["claims"]) == 2
 
 
+@pytest.mark.slow  # one spawned process per run (a fresh interpreter imports torch): ~10 s on an idle machine
 def test_cost_reads_epoch_times_and_measures_memory_and_latency(tiny, tmp_path):
     out = tmp_path / "cost"
     table = experiment("cost", tiny, out, "--seeds", "0", "--models", "sasrec,pop", "--set", "cost.predictions=3",

@@ -78,22 +78,12 @@ class SensitivitySettings(StrictModel):
     spread: float = Field(0.016, ge=0, description="the claim: (max - min) / max of each grid at most this")
 
 
-class TsneSettings(StrictModel):
-    category: str | None = Field(None, description="item category: a side_<name> column of items.parquet or a "
-                                 "column of the source item table (first '|' part); default: synthetic's "
-                                 "categories, else a 'genres' or 'category' column")
-    max_items: int = Field(1000, ge=10, description="items drawn for the t-SNE (the most frequent)")
-    perplexity: float = Field(30.0, gt=0)
-    neighbors: int = Field(10, ge=1, description="k of the kNN category accuracy")
-
-
 class ExperimentSettings(StrictModel):
     ablation: AblationSettings = Field(default_factory=AblationSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
     coldstart: ColdstartSettings = Field(default_factory=ColdstartSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     sensitivity: SensitivitySettings = Field(default_factory=SensitivitySettings)
-    tsne: TsneSettings = Field(default_factory=TsneSettings)
 
 
 SECTIONS = tuple(ExperimentSettings.model_fields)
