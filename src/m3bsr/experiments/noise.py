@@ -13,7 +13,6 @@ highest level, among it and the other models (ablated M3BSR entries are shown, n
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 
 from m3bsr import compare

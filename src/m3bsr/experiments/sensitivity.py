@@ -14,7 +14,6 @@ import itertools
 import numpy as np
 import pandas as pd
 
-from m3bsr import compare
 from m3bsr.config import parse_override
 from m3bsr.errors import input_error
 from m3bsr.experiments.base import Context, Entry, entry_configs, figure_bytes, jobs_for, parse_entry, pyplot, \
