@@ -126,6 +126,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="delete --out first and retrain every grid point")
     _common(p)
 
+    p = sub.add_parser("experiment", help="one of the paper's experiments (or the noise lab) as one command",
+                       epilog=EPILOG_SET + " Experiment settings: --set NAME.KEY=VALUE (docs/experiments.md).",
+                       description="Run an experiment: train (or reuse) its runs, then write results.csv, NAME.png, "
+                       "NAME.md and experiment.json to --out. Finished runs are reused and unfinished ones resumed, "
+                       "so an interrupted experiment continues where it stopped.")
+    p.add_argument("name", choices=["ablation", "sensitivity", "coldstart", "cost", "noise"],
+                   help="which experiment (docs/experiments.md)")
+    p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="prepared dataset directory")
+    p.add_argument("--models", help="comma-separated model entries, MODEL[@PRESET][+KEY=VALUE...] "
+                   "(default: the experiment's own list)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default: %(default)s)")
+    p.add_argument("--variants", help="ablation: more entries, comma-separated model keys added to the full model, "
+                   "e.g. fusion=gate,denoise_output=none")
+    _run_options(p)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory (runs/ and the results)")
+    p.add_argument("--overwrite", action="store_true", help="retrain the runs already in --out instead of reusing them")
+    _common(p)
+
+    p = sub.add_parser("report", help="assemble experiment outputs into one HTML page and one Markdown file")
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="--out directories of `m3bsr experiment`")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE",
+                   help="writes FILE.html (figures embedded) and FILE.md")
+    _common(p)
+
     p = sub.add_parser("features", help="extract offline item features (pip install m3bsr[encoders])")
     fsub = p.add_subparsers(dest="modality", metavar="MODALITY", required=True)
     ft = fsub.add_parser("text", help="MiniLM-L6 sentence embeddings (384-d) of item text columns")
@@ -201,6 +225,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from m3bsr import sweep
 
         return sweep.main(args)
+    if cmd == "experiment":
+        from m3bsr import experiments
+
+        return experiments.main(args)
+    if cmd == "report":
+        from m3bsr.experiments import report
+
+        return report.main(args)
     if cmd == "features":
         from m3bsr.encoders import commands as enc
 

@@ -1,0 +1,100 @@
+"""``sensitivity`` (paper Figure 4): 2-D grids of model keys scored on validation, one heat map per grid
+with the value in every cell. Default: T_b x lambda_b, T_m x lambda_m, tau x lambda_c, 3 x 3 each around
+the defaults; another grid: ``--set "sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}"``.
+A cell whose values equal the base model's is the base run itself, shared by every grid.
+
+Claim checked: the metric varies by at most ``spread`` (paper: 1.6 %) across each grid:
+(max - min) / max of the cell means.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pandas as pd
+
+from m3bsr.config import parse_override
+from m3bsr.errors import input_error
+from m3bsr.experiments.base import Context, Entry, entry_configs, figure_bytes, jobs_for, parse_entry, pyplot, \
+    run_jobs, write_outputs
+
+NAME = "sensitivity"
+
+
+def parse_axes(text: str, grid: str) -> list[tuple[str, list]]:
+    """``"T_b=5,10 model.lambda_b=0.01,0.02"`` → ``[("model.T_b", [5, 10]), ("model.lambda_b", [0.01, 0.02])]``."""
+    from m3bsr.sweep import parse_grid
+
+    axes = [(k if "." in k else f"model.{k}", vs) for k, vs in parse_grid(text)]
+    if len(axes) != 2:
+        raise input_error(f"sensitivity.grids.{grid}: {text!r}", f"{len(axes)} axes",
+                          'Give exactly two, e.g. "model.T_b=5,10,15 model.lambda_b=0.01,0.02,0.04"')
+    return [(k, [parse_override(f"{k}={v}")[1] for v in vs]) for k, vs in axes]
+
+
+def grid_entries(ctx: Context) -> tuple[Entry, dict[str, tuple[tuple[str, list], tuple[str, list], dict]]]:
+    """The base entry, and per grid: its two axes and {(i, j): entry}; overrides equal to the base's value
+    are dropped, so the default cell is the base entry."""
+    s = ctx.settings.sensitivity
+    base = parse_entry(ctx.models[0] if ctx.models else s.model)
+    base_cfg = entry_configs([base], ctx.seeds[0], ctx.raw, ctx.sets, ctx.source)[base.label].to_dict()
+    grids = {}
+    for name, axes in s.grids.items():
+        a, b = parse_axes(axes, name)
+        cells = {}
+        for (i, va), (j, vb) in itertools.product(enumerate(a[1]), enumerate(b[1])):
+            parts = []
+            for key, v in ((a[0], va), (b[0], vb)):
+                node = base_cfg
+                for p in key.split("."):
+                    node = node.get(p) if isinstance(node, dict) else None
+                if node != v:
+                    parts.append(f"{key}={v}")
+            cells[i, j] = parse_entry("+".join([base.label, *parts]))
+        grids[name] = (a, b, cells)
+    return base, grids
+
+
+def run(ctx: Context) -> pd.DataFrame:
+    s = ctx.settings.sensitivity
+    base, grids = grid_entries(ctx)
+    entries = list({e.label: e for _, _, cells in grids.values() for e in cells.values()}.values())
+    jobs = jobs_for(ctx, entries, ctx.dataset, ctx.out / "runs")
+    summaries = run_jobs(ctx, jobs)
+    by_label = {}
+    for j in jobs:
+        by_label.setdefault(j.label, []).append(summaries[j.key]["valid"][s.protocol][s.metric])
+    rows = []
+    for name, (a, b, cells) in grids.items():
+        for (i, k), e in cells.items():
+            for seed, value in zip(ctx.seeds, by_label[e.label]):
+                rows.append({"grid": name, "x_key": a[0], "x": a[1][i], "y_key": b[0], "y": b[1][k],
+                             "entry": e.label, "seed": seed, "split": "valid", "protocol": s.protocol,
+                             s.metric: value})
+    table = pd.DataFrame(rows)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.8 * len(grids), 4.2), squeeze=False)
+    claims, lines = [], []
+    for ax, (name, (a, b, cells)) in zip(axes[0], grids.items()):
+        m = np.array([[np.mean(by_label[cells[i, k].label]) for i in range(len(a[1]))] for k in range(len(b[1]))])
+        im = ax.imshow(m, cmap="viridis", origin="lower")
+        for k in range(m.shape[0]):
+            for i in range(m.shape[1]):
+                bright = m[k, i] > (m.max() + m.min()) / 2  # viridis: dark text on the bright half
+                ax.text(i, k, f"{m[k, i]:.4f}", ha="center", va="center", color="k" if bright else "w", fontsize=8)
+        ax.set_xticks(range(len(a[1])), [str(v) for v in a[1]])
+        ax.set_yticks(range(len(b[1])), [str(v) for v in b[1]])
+        ax.set(xlabel=a[0].removeprefix("model."), ylabel=b[0].removeprefix("model."), title=name)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+        spread = float((m.max() - m.min()) / m.max()) if m.max() > 0 else float("nan")
+        claims.append({"claim": f"{name}: {s.metric} varies by at most {100 * s.spread:.1f} % across the grid",
+                       "held": bool(spread <= s.spread),
+                       "evidence": f"(max - min) / max = {100 * spread:.1f} %, from {m.min():.4f} to {m.max():.4f}"})
+        lines.append(f"* {name}: {len(a[1])} x {len(b[1])} cells, best {m.max():.4f} at "
+                     f"{a[0].removeprefix('model.')}={a[1][int(np.argmax(m) % m.shape[1])]}, "
+                     f"{b[0].removeprefix('model.')}={b[1][int(np.argmax(m) // m.shape[1])]}")
+    section = (f"## Sensitivity (paper Figure 4)\n\nValidation {s.metric} ({s.protocol} protocol) of `{base.label}`, "
+               f"mean over seeds {', '.join(map(str, ctx.seeds))}, per grid cell.\n\n" + "\n".join(lines) + "\n")
+    write_outputs(ctx, NAME, table, figure_bytes(fig), section, claims, {"base": base.label})
+    return table

@@ -1,0 +1,185 @@
+"""``m3bsr experiment`` and ``m3bsr report``: each experiment end to end on a tiny dataset with tiny runs
+(one epoch, hidden size 8), run reuse on a second call, and the assembled report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import make_tiny_prepared
+from m3bsr.cli import main as cli_main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--set", "train.max_epochs=1", "--set", "model.hidden_size=8", "--set", "train.device=cpu",
+        "--set", "model.n_layers=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_prepared(tmp_path_factory.mktemp("data") / "tiny", n_users=24, n_items=40)
+
+
+def experiment(name, data, out, *extra):
+    code = cli_main(["experiment", name, "--dataset", str(data), "--out", str(out), "--quiet", *TINY, *extra])
+    assert code == 0
+    return pd.read_csv(out / "results.csv")
+
+
+def check_outputs(out, name):
+    assert (out / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / f"{name}.md").read_text()
+    assert f"![{name}]({name}.png)" in md
+    meta = json.loads((out / "experiment.json").read_text())
+    assert meta["name"] == name
+    return md, meta
+
+
+def test_ablation_end_to_end_then_reuses_its_runs(tiny, tmp_path, capsys):
+    out = tmp_path / "abl"
+    table = experiment("ablation", tiny, out, "--seeds", "0", "--set", "ablation.switches=[no_meie]",
+                       "--variants", "fusion=gate")
+    entries = ["m3bsr@paper", "m3bsr@paper+no_meie=true", "m3bsr@paper+fusion=gate"]
+    assert sorted(table["model"].unique()) == sorted(entries)
+    assert len(table) == 3 * 2 * 2  # entries x splits x protocols
+    assert not table["NDCG@10"].isna().any()
+    md, meta = check_outputs(out, "ablation")
+    assert meta["entries"] == entries
+    assert "removing MEIE hurts most (full)" in md and "every removal hurts (sampled)" in md
+    assert all(c["held"] in (True, False) for c in meta["claims"])
+    capsys.readouterr()
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    again = experiment("ablation", tiny, out, "--seeds", "0", "--set", "ablation.switches=[no_meie]",
+                       "--variants", "fusion=gate")
+    assert "3 runs done" in (said := capsys.readouterr().out) and "(0 trained, 3 reused)" in said
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")} == mtimes  # nothing retrained
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_ablation_claims_are_computed_from_the_numbers():
+    from m3bsr.experiments.ablation import claims
+
+    idx = pd.MultiIndex.from_product([["sampled", "full"], ["base", "base+no_meie=true", "base+no_cdmd_m=true"]])
+    mean = pd.DataFrame({"NDCG@10": [0.30, 0.20, 0.25] * 2}, index=idx)
+    got = {c["claim"]: c["held"] for c in claims(mean, "base", ["base+no_meie=true", "base+no_cdmd_m=true"])}
+    assert got == {"every removal hurts (sampled)": True, "removing MEIE hurts most (sampled)": True,
+                   "every removal hurts (full)": True, "removing MEIE hurts most (full)": True}
+    mean.loc[("full", "base+no_cdmd_m=true"), "NDCG@10"] = 0.10  # the largest drop is now CDMD-M ...
+    mean.loc[("sampled", "base+no_cdmd_m=true"), "NDCG@10"] = 0.31  # ... and here a removal helps
+    got = {c["claim"]: c["held"] for c in claims(mean, "base", ["base+no_meie=true", "base+no_cdmd_m=true"])}
+    assert got["removing MEIE hurts most (full)"] is False and got["every removal hurts (sampled)"] is False
+    assert got["every removal hurts (full)"] is True
+
+
+def test_bad_entries_and_settings_are_one_line_errors(tiny, tmp_path, capsys):
+    base = ["experiment", "ablation", "--dataset", str(tiny), "--out", str(tmp_path / "x")]
+    assert cli_main(base + ["--models", "nosuch"]) == 2
+    assert "unknown model 'nosuch'" in capsys.readouterr().err
+    assert cli_main(base + ["--set", "ablation.nosuch=1"]) == 2
+    assert "ablation.nosuch" in capsys.readouterr().err
+    assert cli_main(base + ["--variants", "nosuchkey=1", *TINY]) == 2
+    assert "nosuchkey" in capsys.readouterr().err
+
+
+def test_report_embeds_every_figure_and_links_them_in_markdown(tmp_path, capsys):
+    dirs = []
+    for name in ("ablation", "noise"):  # two hand-made sections, one with two figures
+        d = tmp_path / name
+        d.mkdir()
+        png = b"\x89PNG\r\n\x1a\n" + name.encode()
+        (d / f"{name}.png").write_bytes(png)
+        extra = ""
+        if name == "noise":
+            (d / "noise_swap.png").write_bytes(png + b"2")
+            extra = "![swap](noise_swap.png)\n"
+        (d / f"{name}.md").write_text(f"## {name}\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n![{name}]({name}.png)\n{extra}")
+        (d / "experiment.json").write_text(json.dumps({"name": name}))
+        dirs.append(d)
+    out = tmp_path / "rep" / "report"
+    assert cli_main(["report", *map(str, dirs), "--out", str(out)]) == 0
+    page = (tmp_path / "rep" / "report.html").read_text()
+    import base64
+
+    for d, files in zip(dirs, (["ablation.png"], ["noise.png", "noise_swap.png"])):
+        for f in files:
+            assert f"data:image/png;base64,{base64.b64encode((d / f).read_bytes()).decode()}" in page
+    assert page.count("<img") == 3 and page.count("<table>") == 2
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "](../ablation/ablation.png)" in md and "](../noise/noise_swap.png)" in md
+    assert cli_main(["report", str(tmp_path), "--out", str(out)]) == 2
+    assert "no experiment.json" in capsys.readouterr().err
+
+
+def test_noise_trains_every_model_at_every_level_on_noisy_copies(tiny, tmp_path):
+    out = tmp_path / "noise"
+    table = experiment("noise", tiny, out, "--seeds", "0", "--models", "m3bsr,pop",
+                       "--set", "noise.kinds=[clicks,swap]", "--set", "noise.clicks=[0,0.5]",
+                       "--set", "noise.swap=[0,0.5]")
+    test = table[(table["split"] == "test")]
+    assert sorted(set(zip(test["kind"], test["level"]))) == [("clicks", 0.0), ("clicks", 0.5), ("swap", 0.0),
+                                                             ("swap", 0.5)]
+    assert set(test["model"]) == {"m3bsr", "pop"} and not test["NDCG@10"].isna().any()
+    # level 0 is the clean data, trained once and shared; each noisy level is its own prepared copy
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["clean", "clicks-0.5", "swap-0.5"]
+    noisy = json.loads((out / "data" / "clicks-0.5" / "manifest.json").read_text())["noise"]
+    assert noisy["kind"] == "clicks" and noisy["level"] == 0.5 and noisy["changed"] > 0
+    cfg = (out / "runs" / "swap-0.5" / "pop-s0" / "config.yaml").read_text()
+    assert str((out / "data" / "swap-0.5").resolve()) in cfg
+    md, meta = check_outputs(out, "noise")
+    assert "M3BSR falls slowest under clicks noise (full)" in md
+    clean = test[test["level"] == 0].groupby(["model", "protocol"])["NDCG@10"].nunique()
+    assert (clean == 1).all()  # the clean runs are shared by both kinds
+
+
+def test_coldstart_splits_users_by_training_interactions(tiny, tmp_path):
+    from m3bsr.experiments.coldstart import training_interactions
+    from m3bsr.data.prepared import PreparedDataset
+
+    n = training_interactions(tiny)
+    ds = PreparedDataset.load(tiny)
+    valid_order = dict(zip(ds.valid.user, ds.valid.order))
+    u = int(ds.users["user"].iloc[0])
+    assert n[u] == int((ds.events[ds.events["user"] == u]["order"] < valid_order[u]).sum())
+    cut = int(n.median())
+    out = tmp_path / "cold"
+    table = experiment("coldstart", tiny, out, "--seeds", "0", "--models", "m3bsr,pop",
+                       "--set", f"coldstart.max_train={cut}")
+    cold = table[table["group"] == "cold"]
+    assert set(cold["users"]) == {int((n <= cut).sum())} and set(table[table["group"] == "all"]["users"]) == {len(n)}
+    md, meta = check_outputs(out, "coldstart")
+    assert meta["cold_users"] == int((n <= cut).sum()) and "M3BSR is best on cold-start users (full)" in md
+    # a second call on another output folder reuses the runs of the first (as of a compare --out)
+    again = experiment("coldstart", tiny, tmp_path / "cold2", "--seeds", "0", "--models", "m3bsr,pop",
+                       "--set", f"coldstart.max_train={cut}", "--set", f"coldstart.runs={out}")
+    assert not (tmp_path / "cold2" / "runs").exists()
+    pd.testing.assert_frame_equal(table, again)
+
+
+def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
+    out = tmp_path / "sens"
+    table = experiment("sensitivity", tiny, out, "--seeds", "0", "--set",
+                       'sensitivity.grids={a: "T_b=5,10 lambda_b=0.02", b: "tau=0.3 lambda_c=0.05,0.1"}')
+    assert sorted(p.name for p in (out / "runs").iterdir()) == [  # the default cell is trained once
+        "m3bsr@paper+T_b=5-s0", "m3bsr@paper+lambda_c=0.1-s0", "m3bsr@paper-s0"]
+    assert len(table) == 4 and set(table["split"]) == {"valid"}
+    base = table[table["entry"] == "m3bsr@paper"]["NDCG@10"]
+    assert base.nunique() == 1 and len(base) == 2
+    md, meta = check_outputs(out, "sensitivity")
+    assert sum(c["claim"].endswith("across the grid") for c in meta["claims"]) == 2
+
+
+@pytest.mark.slow  # one spawned process per run (a fresh interpreter imports torch): ~10 s on an idle machine
+def test_cost_reads_epoch_times_and_measures_memory_and_latency(tiny, tmp_path):
+    out = tmp_path / "cost"
+    table = experiment("cost", tiny, out, "--seeds", "0", "--models", "sasrec,pop", "--set", "cost.predictions=3",
+                       "--set", "cost.steps=1")
+    assert list(table["model"]) == ["sasrec", "pop"]
+    runs = {m: json.loads((out / "runs" / f"{m}-s0" / "metrics.json").read_text()) for m in ("sasrec", "pop")}
+    assert table["seconds_per_epoch"].tolist() == pytest.approx(
+        [runs["sasrec"]["seconds_per_epoch"], runs["pop"]["seconds_per_epoch"]], rel=1e-5)
+    assert (table["ms_per_prediction"] > 0).all()
+    assert table.loc[0, "peak_memory_mb"] > 10 and np.isnan(table.loc[1, "peak_memory_mb"])  # pop trains no step
+    check_outputs(out, "cost")
