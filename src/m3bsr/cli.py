@@ -207,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The directories a command is given, checked before it imports torch or pandas (seconds and
+    hundreds of MB): a mistyped path answers at once. The loaders repeat the same checks."""
+    from m3bsr import checks
+
+    for flag in ("dataset", "inspect"):  # --dataset DIR, prepare --inspect DIR
+        if getattr(args, flag, None) is not None:
+            checks.prepared_dir(getattr(args, flag))
+    for flag in ("run_dir", "resume"):  # evaluate/recommend/serve RUN_DIR, train --resume RUN_DIR
+        if getattr(args, flag, None) is not None:
+            checks.run_dir(getattr(args, flag))
+    if getattr(args, "items", None) is not None:  # features text ITEMS
+        checks.item_table(args.items)
+    if getattr(args, "images", None) is not None:  # features image FOLDER
+        checks.image_folder(args.images)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "prepare":
@@ -252,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``m3bsr`` console script. Returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        _check_paths(args)
         return int(_dispatch(args) or 0)
     except InputError as e:
         if getattr(args, "debug", False):

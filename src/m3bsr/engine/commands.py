@@ -44,19 +44,22 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from m3bsr.engine.train import resume, train
-
+    """Flags and the config first, then the engine (torch): a bad flag or file answers at once."""
     if args.resume is not None:
         for flag in ("dataset", "model", "config", "out", "seed"):
             if getattr(args, flag) is not None:
                 raise input_error(f"--resume with --{flag}", "a resumed run keeps its dataset, model, config, "
                                   "directory and seed", "Drop the flag (use --set for e.g. train.max_epochs)")
+        from m3bsr.engine.train import resume
+
         resume(args.resume, _flag_overrides(args), quiet=args.quiet)
         return 0
     cfg, recorded = run_config(args.config, args.model, _flag_overrides(args))
     dataset = args.dataset or recorded
     if dataset is None:
         raise input_error("train", "no --dataset given", "Add --dataset DIR (a directory written by `m3bsr prepare`)")
+    from m3bsr.engine.train import train
+
     train(cfg, Path(dataset), args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
