@@ -79,14 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     _common(p)
 
-    p = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a run (both protocols)",
-                       description="Re-evaluate best.pt of a finished (or interrupted) run on valid and test "
-                       "with both protocols, print the table, and check it reproduces metrics.json "
-                       "(exit 1 if it does not).")
+    p = sub.add_parser("evaluate", help="re-evaluate the best (or last) checkpoint of a run (both protocols)",
+                       description="Re-evaluate best.pt (or last.pt) of a finished (or interrupted) run on valid "
+                       "and test with both protocols, print the table, and check it reproduces metrics.json "
+                       "(exit 1 if it does not). The check is made when the evaluation is the one metrics.json "
+                       "records: best.pt with the run's eval.ks and eval.exclude.",
+                       epilog="e.g. m3bsr evaluate runs/x --set eval.ks=[50] --set eval.exclude=none --split test")
     p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an evaluation key of the run's config (repeatable): eval.* (ks, exclude, "
+                   "item_chunk, max_tokens), train.device, train.eval_batch_size, train.amp")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="which checkpoint to evaluate (default: %(default)s; last.pt is not checked against "
+                   "metrics.json)")
+    p.add_argument("--split", choices=["valid", "test"], help="evaluate one split only (default: both)")
     p.add_argument("--exclude", choices=["target", "none", "all"],
-                   help="history items masked in the full ranking (default: the run's eval.exclude; "
-                   "another value is reported, not checked against metrics.json)")
+                   help="history items masked in the full ranking, = --set eval.exclude=... (default: the run's "
+                   "eval.exclude; another value is reported, not checked against metrics.json)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics to FILE as JSON")
     _common(p)
 
