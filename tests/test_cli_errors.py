@@ -383,3 +383,39 @@ def test_debug_shows_traceback_subprocess(tmp_path, trained):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("m3bsr.errors.InputError: ") and fragments[0] in last, last
     _check_no_output(setup, before)
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level module names listed by ``python -X importtime`` (lines ``import time: self | cum | name``)."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in importtime_stderr.splitlines()
+            if line.startswith("import time:") and line.count("|") == 2}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--dataset", "/nonexistent"], "/nonexistent: not a prepared dataset (no manifest.json)"),
+    (["train", "--resume", "/nonexistent"], "/nonexistent: run directory not found"),
+    (["train", "--config", "/nonexistent.yaml"], "/nonexistent.yaml: file not found"),
+    (["train", "--model", "nosuch"], "model 'nosuch': unknown model"),
+    (["evaluate", "/nonexistent"], "/nonexistent: run directory not found"),
+    (["model-summary", "--dataset", "/nonexistent"], "not a prepared dataset"),
+    (["compare", "--dataset", "/nonexistent", "--out", "/nonexistent/out"], "not a prepared dataset"),
+    (["sweep", "--dataset", "/nonexistent", "--model", "pop", "--grid", "seed=1,2", "--out", "/nonexistent/out"],
+     "not a prepared dataset"),
+    (["experiment", "ablation", "--dataset", "/nonexistent", "--out", "/nonexistent/out"], "not a prepared dataset"),
+    (["recommend", "/nonexistent", "--user", "1"], "/nonexistent: run directory not found"),
+    (["export", "/nonexistent", "--what", "items", "--out", "/nonexistent/x.parquet"], "run directory not found"),
+    (["serve", "/nonexistent"], "/nonexistent: run directory not found"),
+    (["prepare", "--inspect", "/nonexistent"], "not a prepared dataset"),
+    (["features", "text", "/nonexistent.csv", "--out", "/nonexistent/x.npy"], "item table not found"),
+    (["features", "image", "/nonexistent", "--out", "/nonexistent/x.npy"], "image folder not found"),
+])
+def test_path_errors_answer_before_torch_is_imported(argv, message):
+    """A missing path, file or model name is reported before torch or pandas is imported (the import alone
+    costs seconds and ~300 MB): the real entry point, with -X importtime listing every import."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "m3bsr", *argv], capture_output=True,
+                          text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
+    imported = _imported(proc.stderr)
+    assert "m3bsr" in imported  # the listing is real
+    assert not imported & {"torch", "pandas"}, sorted(imported & {"torch", "pandas"})

@@ -387,3 +387,60 @@ def test_multi_query_windows_come_back_in_window_order(tiny_prepared):
     _, ranks = evaluate(model, windows, EvalConfig(item_chunk=16), batch_size=3, device="cpu")
     ref = _untrimmed_ranks(model, windows, 16)
     np.testing.assert_array_equal(ranks["full"], ref["full"])
+
+
+def test_evaluate_command_sets_checkpoint_and_split(tiny_prepared, tmp_path, capsys):
+    """``m3bsr evaluate``: ``--set eval.*`` changes the evaluation (here checked against the ranks written at
+    training), ``--split`` evaluates one split, ``--checkpoint last`` reads last.pt (its valid metrics are
+    those recorded for the last epoch), and a key the weights fix is a one-line error."""
+    import json
+
+    import pandas as pd
+
+    from m3bsr.cli import main as cli_main
+    from m3bsr.config import build_config
+    from m3bsr.engine.train import train
+
+    run = tmp_path / "run"
+    cfg = build_config({}, model="sasrec", overrides=[
+        "model.hidden_size=8", "model.n_layers=1", "train.device=cpu", "train.batch_size=8", "train.max_epochs=3",
+        "train.patience=10", "train.lr=1.0", "data.max_len=10"])  # this lr overshoots: best epoch 2 of 3
+    m = train(cfg, tiny_prepared, run, quiet=True)
+    last_valid = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["valid"]
+    assert m["best_epoch"] < m["epochs"] and last_valid != m["valid"]  # best.pt and last.pt differ
+    capsys.readouterr()
+
+    assert cli_main(["evaluate", str(run), "--set", "eval.ks=[50]", "--split", "test", "--json",
+                     str(tmp_path / "k50.json")]) == 0
+    out = capsys.readouterr().out
+    assert "metrics.json: recorded with ks=[5, 10, 20]; not compared" in out and "valid" not in out.split("\n", 1)[1]
+    got = json.loads((tmp_path / "k50.json").read_text())
+    assert (got["checkpoint"], got["ks"], got["exclude"], set(got) - {"run"}) == (
+        "best", [50], "target", {"checkpoint", "ks", "exclude", "test"})
+    ranks = pd.read_parquet(run / "test_ranks.parquet")  # written at training, from best.pt
+    for protocol in ("sampled", "full"):
+        assert list(got["test"][protocol]) == ["HR@50", "NDCG@50", "MRR"]
+        assert got["test"][protocol]["HR@50"] == pytest.approx((ranks[f"rank_{protocol}"] <= 50).mean())
+        assert got["test"][protocol]["MRR"] == pytest.approx((1 / ranks[f"rank_{protocol}"]).mean())
+
+    assert cli_main(["evaluate", str(run), "--set", "eval.exclude=none", "--split", "test", "--json",
+                     str(tmp_path / "none.json")]) == 0
+    assert "metrics.json: recorded with exclude=target; not compared" in capsys.readouterr().out
+    unmasked = json.loads((tmp_path / "none.json").read_text())
+    assert unmasked["test"]["sampled"] == m["test"]["sampled"]  # the mask only touches the full ranking
+    assert all(unmasked["test"]["full"][k] <= m["test"]["full"][k] for k in ("HR@5", "HR@10", "HR@20"))
+
+    assert cli_main(["evaluate", str(run), "--checkpoint", "last", "--split", "valid", "--json",
+                     str(tmp_path / "last.json")]) == 0
+    assert "last.pt not compared" in capsys.readouterr().out
+    assert json.loads((tmp_path / "last.json").read_text())["valid"] == last_valid
+
+    assert cli_main(["evaluate", str(run), "--split", "valid"]) == 0
+    assert "metrics.json: reproduced (valid)" in capsys.readouterr().out
+
+    for sets, message in ((["model.hidden_size=16"], "--set model.hidden_size=16: evaluate changes the evaluation "
+                                                     "only"),
+                          (["eval.kss=[1]"], "unknown config key 'eval.kss'")):
+        assert cli_main(["evaluate", str(run), "--set", *sets]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

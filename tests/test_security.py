@@ -190,7 +190,7 @@ def test_yaml_python_tags_are_refused_in_one_line(trained_run, tmp_path, capsys,
     else:
         cfg = tmp_path / "evil.yaml"
         cfg.write_text(f"train: {TAG.format(marker=marker)}\n")
-        argv = ["train", "--dataset", str(trained_run), "--model", "pop", "--config", str(cfg), "--out",
+        argv = ["train", "--dataset", str(trained_run.parent / "ds"), "--model", "pop", "--config", str(cfg), "--out",
                 str(tmp_path / "out"), "--quiet"]
         expect = f"{cfg}:1: not valid YAML"
     rc = cli_main(argv)

@@ -220,6 +220,24 @@ def test_cli_errors_are_one_line_exit_2(tiny_prepared, tmp_path, capsys):
     assert cli(["train", "--resume", str(tmp_path / "exists"), "--seed", "3"]) == 2
 
 
+def test_m3bsr_on_id_only_data_says_so_once(tmp_path, capsys):
+    """M3BSR on a dataset without content features: one notice line that it runs id-only and names the
+    prepare keys that add features; on a dataset with features, none."""
+    from factories import make_tiny_prepared
+
+    argv = ["train", "--model", "m3bsr", "--device", "cpu", "--quiet", "--set", "train.max_epochs=1",
+            "--set", "model.hidden_size=8", "--set", "model.n_layers=1"]
+    ds = make_tiny_prepared(tmp_path / "ids", n_users=12, dims={})
+    assert cli(argv + ["--dataset", str(ds), "--out", str(tmp_path / "a")]) == 0
+    notices = [line for line in capsys.readouterr().out.splitlines() if "notice" in line]
+    assert len(notices) == 1, notices
+    assert notices[0].startswith(f"notice: m3bsr: {ds} has no content features") and "id-only" in notices[0]
+    assert "--set features.text=FILE" in notices[0] and "--set features.image=FILE" in notices[0]
+    cfg = build_config({}, model="m3bsr").model
+    with_features = PreparedDataset.load(make_tiny_prepared(tmp_path / "feats", n_users=12)).catalogue()
+    assert registry.model_class("m3bsr").data_mode(cfg, with_features).notice is None
+
+
 def test_cli_train_resume_and_config_roundtrip(tiny_prepared, tmp_path, capsys):
     run = tmp_path / "r"
     assert cli(["train", "--dataset", str(tiny_prepared), "--model", "tiny", "--device", "cpu", "--quiet",

@@ -79,14 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     _common(p)
 
-    p = sub.add_parser("evaluate", help="re-evaluate the best checkpoint of a run (both protocols)",
-                       description="Re-evaluate best.pt of a finished (or interrupted) run on valid and test "
-                       "with both protocols, print the table, and check it reproduces metrics.json "
-                       "(exit 1 if it does not).")
+    p = sub.add_parser("evaluate", help="re-evaluate the best (or last) checkpoint of a run (both protocols)",
+                       description="Re-evaluate best.pt (or last.pt) of a finished (or interrupted) run on valid "
+                       "and test with both protocols, print the table, and check it reproduces metrics.json "
+                       "(exit 1 if it does not). The check is made when the evaluation is the one metrics.json "
+                       "records: best.pt with the run's eval.ks and eval.exclude.",
+                       epilog="e.g. m3bsr evaluate runs/x --set eval.ks=[50] --set eval.exclude=none --split test")
     p.add_argument("run_dir", type=Path, help="a run directory written by `m3bsr train`")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an evaluation key of the run's config (repeatable): eval.* (ks, exclude, "
+                   "item_chunk, max_tokens), train.device, train.eval_batch_size, train.amp")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best",
+                   help="which checkpoint to evaluate (default: %(default)s; last.pt is not checked against "
+                   "metrics.json)")
+    p.add_argument("--split", choices=["valid", "test"], help="evaluate one split only (default: both)")
     p.add_argument("--exclude", choices=["target", "none", "all"],
-                   help="history items masked in the full ranking (default: the run's eval.exclude; "
-                   "another value is reported, not checked against metrics.json)")
+                   help="history items masked in the full ranking, = --set eval.exclude=... (default: the run's "
+                   "eval.exclude; another value is reported, not checked against metrics.json)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the metrics to FILE as JSON")
     _common(p)
 
@@ -207,6 +216,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """The directories a command is given, checked before it imports torch or pandas (seconds and
+    hundreds of MB): a mistyped path answers at once. The loaders repeat the same checks."""
+    from m3bsr import checks
+
+    for flag in ("dataset", "inspect"):  # --dataset DIR, prepare --inspect DIR
+        if getattr(args, flag, None) is not None:
+            checks.prepared_dir(getattr(args, flag))
+    for flag in ("run_dir", "resume"):  # evaluate/recommend/serve RUN_DIR, train --resume RUN_DIR
+        if getattr(args, flag, None) is not None:
+            checks.run_dir(getattr(args, flag))
+    if getattr(args, "items", None) is not None:  # features text ITEMS
+        checks.item_table(args.items)
+    if getattr(args, "images", None) is not None:  # features image FOLDER
+        checks.image_folder(args.images)
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "prepare":
@@ -252,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``m3bsr`` console script. Returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        _check_paths(args)
         return int(_dispatch(args) or 0)
     except InputError as e:
         if getattr(args, "debug", False):

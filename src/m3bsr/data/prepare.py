@@ -29,6 +29,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from m3bsr import checks
 from m3bsr.atomic import atomic_dir
 from m3bsr.data.bad_rows import BAD_ROWS_REPORTED, BadRows
 from m3bsr.data.config import PrepareConfig, SyntheticConfig, load_prepare_config, preset_path, preset_summaries
@@ -440,9 +441,7 @@ def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: st
 def inspect(path: str | Path) -> str:
     """The statistics table of a prepared directory (the tie statistics of a directory prepared before
     they were recorded are computed from its events.parquet)."""
-    p = Path(path) / "manifest.json"
-    if not p.is_file():
-        raise input_error(str(path), "not a prepared dataset (no manifest.json)", "Run `m3bsr prepare` first")
+    p = checks.prepared_dir(path) / "manifest.json"
     manifest = json.loads(p.read_text())
     stats = manifest.get("statistics", {})
     if "ties" not in stats and (Path(path) / "events.parquet").is_file():

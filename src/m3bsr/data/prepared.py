@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from m3bsr import checks
 from m3bsr.batch import Catalogue
 from m3bsr.errors import input_error
 
@@ -124,10 +125,7 @@ class PreparedDataset:
     def load(cls, root: str | Path) -> "PreparedDataset":
         """Read a prepared directory. Raises :class:`InputError` if it is not one."""
         root = Path(root)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise input_error(str(root), "not a prepared dataset (no manifest.json)",
-                              "Run `m3bsr prepare SOURCE --out DIR` first")
+        manifest_path = checks.prepared_dir(root) / "manifest.json"
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:

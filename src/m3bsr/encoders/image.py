@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from m3bsr import checks
 from m3bsr.encoders import require
 from m3bsr.errors import input_error
 
@@ -103,9 +104,7 @@ def list_images(folder: str | Path) -> tuple[list[Path], list[str]]:
 
     One-line InputError when the folder is absent, has no image file, or two files share a stem.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise input_error(str(folder), "image folder not found", "Pass a folder of <item id>.jpg/.png files")
+    folder = checks.image_folder(folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     ignored = [p.name for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from m3bsr import checks
 from m3bsr.data.bad_rows import BadRows
 from m3bsr.encoders import require
 from m3bsr.errors import input_error
@@ -45,8 +46,7 @@ class ItemTexts:
 
 
 def _read_table(path: Path) -> pd.DataFrame:
-    if not path.is_file():
-        raise input_error(str(path), "item table not found", "Pass a CSV or Parquet file with an id column")
+    checks.item_table(path)
     name = path.name.lower()
     try:
         if name.endswith(".parquet"):

@@ -44,19 +44,22 @@ def _flag_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from m3bsr.engine.train import resume, train
-
+    """Flags and the config first, then the engine (torch): a bad flag or file answers at once."""
     if args.resume is not None:
         for flag in ("dataset", "model", "config", "out", "seed"):
             if getattr(args, flag) is not None:
                 raise input_error(f"--resume with --{flag}", "a resumed run keeps its dataset, model, config, "
                                   "directory and seed", "Drop the flag (use --set for e.g. train.max_epochs)")
+        from m3bsr.engine.train import resume
+
         resume(args.resume, _flag_overrides(args), quiet=args.quiet)
         return 0
     cfg, recorded = run_config(args.config, args.model, _flag_overrides(args))
     dataset = args.dataset or recorded
     if dataset is None:
         raise input_error("train", "no --dataset given", "Add --dataset DIR (a directory written by `m3bsr prepare`)")
+    from m3bsr.engine.train import train
+
     train(cfg, Path(dataset), args.out, overwrite=args.overwrite, quiet=args.quiet)
     return 0
 
@@ -68,29 +71,43 @@ def _same(a, b, tol: float = 1e-9) -> bool:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Re-evaluate best.pt, print the table and say whether it reproduces metrics.json (exit 1 if not)."""
-    from m3bsr.engine.evaluate import evaluate_run
+    """Re-evaluate a checkpoint (``--checkpoint``, ``--split``, ``--set eval.*``) and print the table; when
+    the evaluation is the one metrics.json records (best.pt, the run's eval.ks and eval.exclude) say
+    whether it reproduces it (exit 1 if not)."""
+    from m3bsr.engine.evaluate import PROTOCOLS, SPLITS, evaluate_run, evaluation_overrides
     from m3bsr.engine.metrics import metric_names
     from m3bsr.engine.runs import RunDir, format_table
 
+    overrides = evaluation_overrides(list(args.sets)) + ([f"eval.exclude={args.exclude}"] if args.exclude else [])
     run = RunDir(args.run_dir)
-    result = evaluate_run(args.run_dir, exclude=args.exclude)
-    cfg, _ = run.read_config()
-    exclude = args.exclude or cfg.eval.exclude
-    rows = {f"{split} {p}": result[split][p] for split in ("valid", "test") for p in ("sampled", "full")}
-    print(format_table(metric_names(cfg.eval.ks), rows, title=f"{args.run_dir} (best.pt, exclude={exclude})"))
+    recorded_cfg, _ = run.read_config()
+    ev = run.read_config(overrides)[0].eval  # unknown keys and wrong types fail here, before any loading
+    splits = (args.split,) if args.split else SPLITS
+    result = evaluate_run(args.run_dir, overrides=overrides, checkpoint=args.checkpoint, splits=splits)
+    rows = {f"{split} {p}": result[split][p] for split in splits for p in PROTOCOLS}
+    title = f"{args.run_dir} ({args.checkpoint}.pt, exclude={ev.exclude})"
+    print(format_table(metric_names(ev.ks), rows, title=title))
     if args.json is not None:
-        atomic.write_text(args.json, json.dumps({"run": str(args.run_dir), "exclude": exclude, **result}, indent=1))
-    if exclude != cfg.eval.exclude:
-        print(f"metrics.json: recorded with exclude={cfg.eval.exclude}; not compared")
+        atomic.write_text(args.json, json.dumps({"run": str(args.run_dir), "checkpoint": args.checkpoint,
+                                                 "exclude": ev.exclude, "ks": ev.ks, **result}, indent=1))
+    if args.checkpoint != "best":
+        print(f"metrics.json: records best.pt; {args.checkpoint}.pt not compared")
+        return 0
+    changed = [f"{key}={getattr(recorded_cfg.eval, key)}" for key in ("exclude", "ks")
+               if getattr(ev, key) != getattr(recorded_cfg.eval, key)]
+    if changed:
+        print(f"metrics.json: recorded with {', '.join(changed)}; not compared")
         return 0
     if not run.metrics_json.is_file():
         print("metrics.json: absent (run unfinished); nothing to compare")
         return 0
     recorded = run.read_summary()
-    checks = [(split, _same(result[split], recorded[split])) for split in ("valid", "test")
+    checks = [(split, _same(result[split], recorded[split])) for split in splits
               if recorded.get(split) is not None]
     bad = [split for split, ok in checks if not ok]
+    if not checks:
+        print(f"metrics.json: records no {' or '.join(splits)} metrics; nothing to compare")
+        return 0
     if bad:
         print(f"metrics.json: NOT reproduced for {', '.join(bad)} (different machine/device or modified files?)")
         return 1

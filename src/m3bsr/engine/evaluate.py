@@ -183,25 +183,51 @@ def evaluate(model, windows: WindowArrays, cfg: EvalConfig, batch_size: int, dev
     return metrics, ranks
 
 
-def evaluate_run(run_dir: Path, *, device: str | None = None, exclude: str | None = None) -> dict:
-    """Re-evaluate ``run_dir/best.pt`` on valid and test; returns ``{"valid": {p: M}, "test": {p: M}}``.
+EVALUATE_KEYS = ("train.device", "train.eval_batch_size", "train.amp")
+"""Besides ``eval.*``, the config keys an evaluation may override; every other key is fixed by the weights."""
 
-    ``device`` defaults to the run's ``train.device`` and ``exclude`` (which history items the full
-    ranking masks: ``target``, ``none`` or ``all``) to the run's ``eval.exclude``. With the same
-    machine, device and exclude this reproduces ``metrics.json`` exactly.
+SPLITS = ("valid", "test")
+
+
+def evaluation_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` if each is an ``eval.*`` key or one of :data:`EVALUATE_KEYS`; else a one-line
+    :class:`InputError` (a model or training key would describe another run than the checkpoint's)."""
+    from m3bsr.config import parse_override
+    from m3bsr.errors import input_error
+
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if not (key.startswith("eval.") or key in EVALUATE_KEYS):
+            raise input_error(f"--set {text}", "evaluate changes the evaluation only (the checkpoint fixes the "
+                              "model and its training)", f"Use an eval.* key or {', '.join(EVALUATE_KEYS)}; "
+                              "re-train to change the rest")
+    return list(overrides)
+
+
+def evaluate_run(run_dir: Path, *, device: str | None = None, exclude: str | None = None,
+                 overrides: list[str] = (), checkpoint: str = "best", splits: tuple[str, ...] = SPLITS) -> dict:
+    """Re-evaluate ``run_dir/<checkpoint>.pt`` (``best`` or ``last``) on ``splits``; returns
+    ``{split: {protocol: metrics}}``.
+
+    ``overrides`` (``["eval.ks=[50]", "eval.exclude=none"]``; see :func:`evaluation_overrides`) apply
+    over the run's config.yaml; ``exclude`` is ``eval.exclude`` (which history items the full ranking
+    masks: ``target``, ``none`` or ``all``) and ``device`` ``train.device``. With the run's own
+    evaluation settings, best.pt and the same machine and device this reproduces ``metrics.json`` exactly.
     """
     from m3bsr.data.batches import WindowBuilder
     from m3bsr.engine.checkpoint import load_run_model
     from m3bsr.engine.runs import RunDir
     from m3bsr.engine.train import resolve_device
 
-    cfg, _ = RunDir(Path(run_dir)).read_config()
+    if checkpoint not in ("best", "last") or not set(splits) <= set(SPLITS):
+        raise ValueError(f"checkpoint {checkpoint!r} / splits {splits!r}: expected best|last and {SPLITS}")
+    overrides = evaluation_overrides(list(overrides)) + ([f"eval.exclude={exclude}"] if exclude else [])
+    cfg, _ = RunDir(Path(run_dir)).read_config(overrides)
     dev = resolve_device(device or cfg.train.device)
-    model, cfg, ds = load_run_model(Path(run_dir), "best", device=dev)
-    ev = cfg.eval if exclude is None else cfg.eval.model_copy(update={"exclude": exclude})
+    model, _, ds = load_run_model(Path(run_dir), checkpoint, device=dev)
     builder = WindowBuilder(ds, cfg.data.max_len)
     result = {}
-    for split in ("valid", "test"):
-        windows = builder.eval_windows(split, ev.exclude)
-        result[split], _ = evaluate(model, windows, ev, cfg.train.eval_batch_size, dev, amp=cfg.train.amp)
+    for split in splits:
+        windows = builder.eval_windows(split, cfg.eval.exclude)
+        result[split], _ = evaluate(model, windows, cfg.eval, cfg.train.eval_batch_size, dev, amp=cfg.train.amp)
     return result

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from m3bsr import atomic
+from m3bsr import atomic, checks
 from m3bsr.config import Config, build_config, read_yaml
 from m3bsr.errors import InputError, input_error
 
@@ -167,9 +167,7 @@ class RunDir:
 
     def _read_raw(self) -> dict[str, Any]:
         """config.yaml as a dict (one-line errors for a missing, invalid or non-mapping file)."""
-        if not self.config.is_file():
-            raise input_error(str(self.root), "not a run directory (no config.yaml)",
-                              "Pass the directory written by `m3bsr train --out`")
+        checks.run_dir(self.root)
         return read_yaml(self.config, fix="Fix the file or re-train the run")
 
     def check_dataset(self, dataset: Path, fix: str | None = None) -> None:

@@ -265,7 +265,7 @@ class M3BSR(SequentialRecommender):
         parts = ("merged backbone" if cfg.no_specific_experts else
                  "backbone + specific experts" if cfg.common_expert == "merged" else "paper experts")
         if not catalogue.single_behavior:
-            return DataMode(f"multi-behavior: {parts}")
+            return DataMode(f"multi-behavior: {parts}", id_only_notice(catalogue, where))
         if cfg.common_expert == "cross":
             key, fix = (("model.preset=paper", "Use the default preset (drop model.preset=paper)")
                         if cfg.preset == "paper" else ("model.common_expert=cross", "Set model.preset=default"))
@@ -277,9 +277,9 @@ class M3BSR(SequentialRecommender):
                               f"auxiliary/target pairs (Eq. 11-19) and {where} has no auxiliary behavior "
                               "(single-behavior)", "Set model.no_specific_experts=true (the default preset): "
                               "the merged backbone reads the target stream alone")
-        return DataMode(SINGLE_BEHAVIOR_MODE, f"m3bsr: {where} has no auxiliary behavior: the merged backbone "
-                        "reads the target stream alone; its behavior embedding and the repeat head's behavior "
-                        "bias have a single behavior")
+        return DataMode(SINGLE_BEHAVIOR_MODE, id_only_notice(catalogue, where, f"m3bsr: {where} has no auxiliary "
+                        "behavior: the merged backbone reads the target stream alone; its behavior embedding and "
+                        "the repeat head's behavior bias have a single behavior"))
 
     def __init__(self, cfg: M3BSRConfig, catalogue: Catalogue):
         super().__init__(cfg, catalogue)
@@ -491,3 +491,14 @@ def trim_padding(batch: SequenceBatch) -> SequenceBatch:
 
 def _rows(batch: SequenceBatch, lo: int, hi: int) -> SequenceBatch:
     return SequenceBatch(**{k: (v[lo:hi] if v is not None else None) for k, v in vars(batch).items()})
+
+
+def id_only_notice(catalogue: Catalogue, where: str, other: str | None = None) -> str | None:
+    """``other`` (another notice, or None), joined with the notice that ``where`` has no content features
+    when ``catalogue`` has none: said once, since a newcomer may not know M3BSR reads item text and images."""
+    if catalogue.features:
+        return other
+    notice = (f"{where} has no content features, so the model runs id-only (item ids and behaviors, no text or "
+              "image). To add them, prepare the data with --set features.text=FILE and/or --set features.image=FILE "
+              "(from `m3bsr features text|image` or your own vectors; docs/features.md)")
+    return f"m3bsr: {notice}" if other is None else f"{other}. Also, {notice}"

@@ -5,10 +5,13 @@ Names are matched case-insensitively (``--model SASRec`` is ``sasrec``); configs
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from m3bsr.batch import Catalogue
 from m3bsr.config import BaseModelConfig
 from m3bsr.errors import input_error
+
+if TYPE_CHECKING:  # m3bsr.batch imports torch; name checks (canonical_name) need none
+    from m3bsr.batch import Catalogue
 
 _MODELS: dict[str, str] = {
     "m3bsr": "m3bsr.models.m3bsr:M3BSR",
