@@ -183,3 +183,87 @@ def test_cost_reads_epoch_times_and_measures_memory_and_latency(tiny, tmp_path):
     assert (table["ms_per_prediction"] > 0).all()
     assert table.loc[0, "peak_memory_mb"] > 10 and np.isnan(table.loc[1, "peak_memory_mb"])  # pop trains no step
     check_outputs(out, "cost")
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory):
+    """A small synthetic dataset: content features and the generator's categories (label_category)."""
+    from m3bsr.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "syn"
+    prepare("synthetic", "synthetic", out, log=lambda m: None,
+            overrides=["synthetic.users=60", "synthetic.items=50", "n_negatives=10"])
+    return out
+
+
+def test_cluster_score_separates_a_planted_clustering_from_a_random_one():
+    from m3bsr.experiments.tsne import cluster_scores
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    planted = np.repeat(np.arange(4), 30)
+    x = centres[planted] + 0.3 * rng.normal(size=(120, 16))
+    good = cluster_scores(x, planted, k=10)
+    shuffled = cluster_scores(x, rng.permutation(planted), k=10)
+    assert good["silhouette"] > 0.4 and good["knn_accuracy"] > 0.95
+    assert shuffled["silhouette"] < 0.02 and shuffled["knn_accuracy"] < 0.5  # random labels: no cluster (about -0.09)
+    # an item is never its own neighbour: each item's twin (distance 0) carries the other category
+    twins = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert cluster_scores(twins, np.array(list("abab")), k=1)["knn_accuracy"] == 0.0
+    assert cluster_scores(twins, np.array(list("aabb")), k=1) == {"silhouette": 1.0, "knn_accuracy": 1.0}
+    assert cluster_scores(x, planted.astype(str), k=10) == good  # categories may be text
+
+
+def test_tsne_scores_representations_before_and_after_cdmd_m_and_the_mlp(tiny_synthetic, tmp_path):
+    import torch
+
+    from m3bsr.engine.checkpoint import load_run_model
+    from m3bsr.experiments.tsne import cluster_scores, item_categories, item_representations
+    from m3bsr.experiments.config import TsneSettings
+
+    out = tmp_path / "tsne"
+    table = experiment("tsne", tiny_synthetic, out, "--seeds", "0,1", "--set", "tsne.k=5")
+    assert sorted(set(zip(table["denoiser"], table["stage"]))) == [("diffusion", "after"), ("diffusion", "before"),
+                                                                   ("mlp", "after"), ("mlp", "before")]
+    assert len(table) == 2 * 2 * 2 and set(table["items"]) == {50} and set(table["categories"]) == {10}
+    assert set(table["model"]) == {"m3bsr@paper", "m3bsr@paper+modality_denoiser=mlp"}
+    md, meta = check_outputs(out, "tsne")
+    assert "CDMD-M clusters tighter than the MLP (silhouette)" in md and len(meta["claims"]) == 4
+    assert all(c["held"] in (True, False) for c in meta["claims"])
+    # the numbers are the scores of the stored runs' representations, by the dataset's categories
+    model, _, _ = load_run_model(out / "runs" / "m3bsr@paper+modality_denoiser=mlp-s1")
+    cats = item_categories(tiny_synthetic, TsneSettings())
+    items = np.sort(cats.index.to_numpy())
+    reps = item_representations(model, items)
+    assert reps["after"].shape == (50, 2 * 8)  # image and text, hidden size 8
+    row = table[(table["denoiser"] == "mlp") & (table["stage"] == "after") & (table["seed"] == 1)].iloc[0]
+    assert row["silhouette"] == pytest.approx(cluster_scores(reps["after"], cats[items].to_numpy(), 5)["silhouette"])
+    # "after" is the module's output for the "before" token: the MLP applied to it
+    from m3bsr.models.denoiser import normalize_x0
+
+    x = torch.from_numpy(reps["before"][:, :8])
+    mlp = model.cdmd_m.mlp
+    G = mlp[0].weight.shape[0]  # (aux, image), (aux, text), (target, image), (target, text)
+    expected = mlp(normalize_x0(x).unsqueeze(0).expand(G, -1, -1))[G // 2].detach().numpy()
+    np.testing.assert_allclose(reps["after"][:, :8], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_tsne_without_the_category_is_a_one_line_error(tiny, tiny_synthetic, tmp_path, capsys):
+    base = ["experiment", "tsne", "--out", str(tmp_path / "x"), "--seeds", "0", *TINY]
+    assert cli_main([*base, "--dataset", str(tiny)]) == 2
+    err = capsys.readouterr().err
+    assert "no item label 'category' (labels: none)" in err and "items.labels" in err
+    assert cli_main([*base, "--dataset", str(tiny_synthetic), "--set", "tsne.category=genres"]) == 2
+    assert "(labels: category)" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "runs").exists()  # nothing trained
+
+
+def test_report_includes_the_tsne_figure(tiny_synthetic, tmp_path):
+    import base64
+
+    out = tmp_path / "tsne"
+    experiment("tsne", tiny_synthetic, out, "--seeds", "0")
+    assert cli_main(["report", str(out), "--out", str(tmp_path / "report")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    assert f"data:image/png;base64,{base64.b64encode((out / 'tsne.png').read_bytes()).decode()}" in page
+    assert "Item representations (paper Figure 5)" in page

@@ -470,3 +470,28 @@ def test_events_at_the_query_time_do_not_change_its_logits(preset):
                 for p, q in enumerate(batch.query_times[0].tolist()):
                     change = float((after[p] - base[p]).abs().max())
                     assert (change > 1e-5) == (int(times[0, j]) < q), (name, j, q, change)
+
+
+def test_mlp_in_place_of_cdmd_m_maps_the_same_shapes_and_trains_by_the_main_loss_only():
+    from m3bsr.models.denoiser import ModalityDenoiser, ModalityMLP
+
+    full = make_model(PAPER)
+    model = make_model(PAPER, "model.modality_denoiser=mlp")
+    assert isinstance(full.cdmd_m, ModalityDenoiser) and isinstance(model.cdmd_m, ModalityMLP)
+    assert count_parameters(model)["total"] < count_parameters(full)["total"]
+    aux, tgt, aux_t, tgt_t = model._inputs(make_batch())
+    out_aux, out_tgt, loss = model.cdmd_m(aux, tgt, aux_t, tgt_t, need_loss=True)
+    assert loss is None and set(out_aux) == set(out_tgt) == {"image", "text"}
+    assert all(out_aux[m].shape == aux[m].shape and out_tgt[m].shape == tgt[m].shape for m in out_aux)
+    # a token's output is its own input through the MLP: moving one token changes that token only
+    moved = {**tgt, "image": tgt["image"].clone()}
+    moved["image"][0, 0] += torch.linspace(-1.0, 1.0, moved["image"].shape[-1])  # not a constant: x_0 is layer-normed
+    again = model.cdmd_m(aux, moved, aux_t, tgt_t, need_loss=False)[1]["image"]
+    assert (again[0, 0] - out_tgt["image"][0, 0]).abs().max() > 1e-4
+    assert torch.equal(again[0, 1:], out_tgt["image"][0, 1:]) and torch.equal(again[1:], out_tgt["image"][1:])
+    terms = model.train().loss(make_batch(B=6, seed=1))
+    assert set(terms) == {"main", "contrast", "diff_b"}  # no diffusion loss of CDMD-M
+    sum(terms.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.cdmd_m.parameters())
+    with pytest.raises(InputError, match="modality_denoiser=mlp"):
+        make_model(PAPER, "model.modality_denoiser=mlp", "model.no_cdmd_m=true")

@@ -319,7 +319,8 @@ def test_item_table_and_features(tmp_path):
     np.save(src / "extra.npy", np.arange(8, dtype=np.float32).reshape(8, 1) + 1)
     (src / "extra.npy.ids").write_text("\n".join(str(i) for i in range(8, 0, -1)) + "\n")
     cfg = _cfg(min_user_events=1, n_negatives=1, events={"path": "events.csv", "integer_ids": True},
-               items={"path": "items.csv", "side": ["brand"], "text": ["title", "plot"], "image": "img/{item}.jpg"},
+               items={"path": "items.csv", "side": ["brand"], "text": ["title", "plot"], "image": "img/{item}.jpg",
+                      "labels": ["plot"]},
                features={"text": "text.parquet", "image": "image.safetensors", "extra": "extra.npy"})
     m = prepare(src, cfg, tmp_path / "out", **QUIET)
     ds = PreparedDataset.load(tmp_path / "out")
@@ -328,6 +329,8 @@ def test_item_table_and_features(tmp_path):
     assert it["side_brand"].tolist() == [2, 1, 0, 1, 3, 3, 2, 1]  # a=1 b=2 c=3, empty = 0
     assert it.loc["2", "text"] == "T2" and it.loc["1", "text"] == "T1. p1"
     assert it.loc["3", "image"].endswith("img/3.jpg") and pd.isna(it.loc["1", "image"])
+    assert it["label_plot"].tolist()[2:] == ["p3", "p4", "p5", "p6", "p7", "p8"] and pd.isna(it.loc["2", "label_plot"])
+    assert set(ds.catalogue().side_ids) == {"brand"}  # a label is no model input
     x, mask = ds.features["text"], ds.feature_masks["text"]
     assert x.shape == (9, 2) and x.dtype == np.float32
     assert mask.tolist() == [False, True, False, True, True, True, True, True, True]

@@ -35,6 +35,16 @@ def test_same_seed_identical_files_other_seed_differs(tmp_path):
     assert _files(tmp_path / "c")["events.parquet"] != a["events.parquet"]
 
 
+def test_prepared_items_carry_the_generators_category(tmp_path):
+    cfg = load_prepare_config("synthetic", None, ["synthetic.users=60", "synthetic.items=50", "n_negatives=10"])
+    prepare("synthetic", cfg, tmp_path / "d", **QUIET)
+    items = PreparedDataset.load(tmp_path / "d").items
+    truth = generate(cfg.synthetic, cfg.seed).items.set_index("item")["category"]
+    assert items["label_category"].tolist() == truth.reindex(items["original"]).astype(str).tolist()
+    assert items["label_category"].nunique() == cfg.synthetic.categories
+    assert "label_category" not in PreparedDataset.load(tmp_path / "d").catalogue().side_ids
+
+
 def _category_r2(x: np.ndarray, cat: np.ndarray) -> float:
     """Share of feature variance explained by the category means."""
     means = np.stack([x[cat == c].mean(0) for c in np.unique(cat)])

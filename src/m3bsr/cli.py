@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment: train (or reuse) its runs, then write results.csv, NAME.png, "
                        "NAME.md and experiment.json to --out. Finished runs are reused and unfinished ones resumed, "
                        "so an interrupted experiment continues where it stopped.")
-    p.add_argument("name", choices=["ablation", "sensitivity", "coldstart", "cost", "noise"],
+    p.add_argument("name", choices=["ablation", "sensitivity", "coldstart", "tsne", "cost", "noise"],
                    help="which experiment (docs/experiments.md)")
     p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="prepared dataset directory")
     p.add_argument("--models", help="comma-separated model entries, MODEL[@PRESET][+KEY=VALUE...] "

@@ -77,6 +77,8 @@ class ItemsConfig(StrictModel):
     id_column: str = "item"
     side: list[str] = Field(default_factory=list, description="columns → dense side ids (side_<name>, 0 = unknown)")
     text: list[str] = Field(default_factory=list, description="columns joined into the `text` column")
+    labels: list[str] = Field(default_factory=list, description="columns carried as text into `label_<name>` "
+                              "(e.g. genres, for `m3bsr experiment tsne`); no model reads them")
     image: str | None = Field(None, description="image path pattern inside SOURCE, e.g. posters/{item}.jpg")
 
 

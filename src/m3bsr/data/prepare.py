@@ -258,6 +258,8 @@ def _fingerprint(cfg: PrepareConfig, hashes: list[dict[str, Any]]) -> str:
         del config["sample_users"]
     if config["on_bad_rows"] == "error":  # the same; the other modes can change (report: skip) the output
         del config["on_bad_rows"]
+    if config["items"] is not None and not config["items"]["labels"]:  # the same
+        del config["items"]["labels"]
     blob = json.dumps({"prepare_version": PREPARE_VERSION,
                        "config": config, "files": [(h["role"], h["sha256"]) for h in hashes]},
                       sort_keys=True)
@@ -285,11 +287,14 @@ def _handle(bad: BadRows, cfg: PrepareConfig) -> None:
 
 
 def _read_source(source: str | Path | pd.DataFrame, events_path: Path | None, cfg: PrepareConfig,
-                 bad: dict[str, BadRows]) -> tuple[pd.DataFrame, str, dict[str, tuple[list[str], np.ndarray]]]:
+                 bad: dict[str, BadRows]) -> tuple[pd.DataFrame, str, dict[str, tuple[list[str], np.ndarray]],
+                                                   dict[str, pd.Series]]:
     """Step 1: the event table of the good rows (column ``row`` = 0-based data row), where it came from,
-    and the synthetic features; bad rows of the log are added to ``bad["events"]``."""
+    the synthetic features and item labels (``{name: Series by original item id}``: the generator's
+    ``category``); bad rows of the log are added to ``bad["events"]``."""
     from m3bsr.data import synthetic as synth
 
+    labels: dict[str, pd.Series] = {}
     if isinstance(source, pd.DataFrame):
         where = "DataFrame"
         if source.empty:
@@ -300,6 +305,7 @@ def _read_source(source: str | Path | pd.DataFrame, events_path: Path | None, cf
         data = synth.generate(cfg.synthetic, cfg.seed)
         b = bad["events"] = BadRows("synthetic")
         events, where, features = data.events.reset_index(drop=True), "synthetic", data.features
+        labels = {"category": pd.Series(data.items["category"].to_numpy(), index=data.items["item"].to_numpy())}
     else:
         where = str(events_path)
         b = bad["events"] = BadRows(where)
@@ -308,7 +314,7 @@ def _read_source(source: str | Path | pd.DataFrame, events_path: Path | None, cf
     events["row"] = events.index.to_numpy().astype(np.int64)  # ties keep the input order
     _unknown_behaviors(events, cfg, b)
     _handle(b, cfg)
-    return events[~events["row"].isin(b.rows())].reset_index(drop=True), where, features
+    return events[~events["row"].isin(b.rows())].reset_index(drop=True), where, features, labels
 
 
 def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: str | Path, overwrite: bool = False,
@@ -355,7 +361,7 @@ def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: st
 
     t0 = time.perf_counter()
     bad: dict[str, BadRows] = {}
-    events, where, item_features = _read_source(source, events_path, cfg, bad)
+    events, where, item_features, item_labels = _read_source(source, events_path, cfg, bad)
     if report:  # every input file's bad rows, and nothing else
         if cfg.items is not None and "items" in files:
             read_items(files["items"], cfg.items, cfg.events.integer_ids, bad.setdefault("items", BadRows(
@@ -401,6 +407,8 @@ def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: st
                              bad.get("items"))
     if "items" in bad:
         _handle(bad["items"], cfg)
+    for name, values in item_labels.items():  # the synthetic generator's categories (no model reads them)
+        items[f"label_{name}"] = pd.array(values.reindex(items["original"].to_numpy()).astype(str), dtype="string")
     features, masks, feature_info = {}, {}, {}
     for m, (ids, x) in item_features.items():
         features[m], masks[m] = features_from_array(ids, x, item_orig)

@@ -8,7 +8,8 @@ Layout (all written atomically by :func:`write_prepared` inside :func:`m3bsr.ato
                              behavior indexes manifest["behaviors"]["names"]; order = per-user rank
                              in (timestamp, input order), 0-based
     DIR/users.parquet        user:int32 (1..U), original:string
-    DIR/items.parquet        item:int32 (1..I), original:string, side_<name>:int32 (0 = unknown)
+    DIR/items.parquet        item:int32 (1..I), original:string, side_<name>:int32 (0 = unknown),
+                             [text, image, label_<name>]:string (labels: read by no model)
     DIR/valid.parquet        user:int32 item:int32 order:int64 candidates:list<int32>[C] (positive first)
     DIR/test.parquet         same, for the test targets
     DIR/features/<m>.npy     float32 [I + 1, D_m] for modality m (row 0 and missing rows zero)

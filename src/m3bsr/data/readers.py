@@ -348,11 +348,11 @@ def read_items(path: Path, cfg: ItemsConfig, integer_ids: bool, bad: BadRows | N
     own = bad is None
     bad = BadRows(where) if bad is None else bad
     raw = read_raw(path, cfg.format, cfg.delimiter, bad)
-    needed = [cfg.id_column, *cfg.side, *cfg.text]
+    needed = [cfg.id_column, *cfg.side, *cfg.text, *cfg.labels]
     for col in needed:
         if col not in raw.columns:
             raise input_error(where, f"missing column {col!r} (found: {', '.join(map(str, raw.columns))})",
-                              "Fix items.id_column / items.side / items.text or the header")
+                              "Fix items.id_column / items.side / items.text / items.labels or the header")
     n_bad = len(bad)
     ids = _ids(raw[cfg.id_column], "item", integer_ids, bad, cfg.id_column, "Every item row needs an id")
     ok = ~raw.index.isin(bad.rows()) if len(bad) > n_bad else np.ones(len(raw), bool)
@@ -368,7 +368,8 @@ def read_items(path: Path, cfg: ItemsConfig, integer_ids: bool, bad: BadRows | N
 def build_item_table(item_original: np.ndarray, cfg: ItemsConfig | None, path: Path | None, base: Path,
                      integer_ids: bool, bad: BadRows | None = None) -> pd.DataFrame:
     """items.parquet rows: dense ``item`` 1..I, ``original``, ``side_<col>`` (dense, 0 = unknown),
-    ``text`` (the text columns joined by ". ") and ``image`` (absolute path, null if no file).
+    ``text`` (the text columns joined by ". "), ``image`` (absolute path, null if no file) and
+    ``label_<col>`` (the column as text, null if empty; read by experiments, never by models).
     Bad rows of the item table (see :func:`read_items`) are left out when ``bad`` is given."""
     table = pd.DataFrame({"item": np.arange(1, len(item_original) + 1, dtype=np.int32),
                           "original": np.asarray(item_original).astype(str)})
@@ -384,6 +385,9 @@ def build_item_table(item_original: np.ndarray, cfg: ItemsConfig | None, path: P
         parts = raw[cfg.text].astype("string").fillna("").apply(lambda r: ". ".join(x.strip() for x in r
                                                                                   if x.strip()), axis=1)
         table["text"] = parts.to_numpy().astype(str) if len(parts) else np.array([], dtype=str)
+    for col in cfg.labels:
+        vals = raw[col].astype("string").str.strip()
+        table[f"label_{col}"] = pd.array(vals.where(vals != "").to_numpy(), dtype="string")
     if cfg.image:
         paths = [base / cfg.image.format(item=o) for o in table["original"]]
         table["image"] = pd.array([str(p.resolve()) if p.is_file() else None for p in paths], dtype="string")

@@ -12,7 +12,7 @@ import argparse
 import importlib
 from pathlib import Path
 
-EXPERIMENTS = ("ablation", "sensitivity", "coldstart", "cost", "noise")
+EXPERIMENTS = ("ablation", "sensitivity", "coldstart", "tsne", "cost", "noise")
 
 
 def experiment_module(name: str):

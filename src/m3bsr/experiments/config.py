@@ -78,12 +78,27 @@ class SensitivitySettings(StrictModel):
     spread: float = Field(0.016, ge=0, description="the claim: (max - min) / max of each grid at most this")
 
 
+class TsneSettings(StrictModel):
+    """Item representations before and after CDMD-M and after an MLP in its place (paper Figure 5)."""
+
+    base: str = Field("m3bsr@paper", description="the model with CDMD-M (`--models` overrides it); the MLP entry "
+                      "is it plus modality_denoiser=mlp. CDMD-M needs the specific experts (paper preset)")
+    category: str = Field("category", description="the item label column `label_<category>` that colours the "
+                          "items (prepare with items.labels=[COLUMN]; synthetic stores `category`)")
+    separator: str = Field("|", description="a label holding several values (genres 'A|B') counts as its first")
+    modality: str | None = Field(None, description="one content modality; None = all of them, concatenated")
+    max_items: int = Field(2000, ge=10, description="at most this many items (a seeded sample) are scored and drawn")
+    k: int = Field(10, ge=1, description="neighbours of the kNN category accuracy")
+    perplexity: float = Field(30.0, gt=0, description="t-SNE perplexity (lowered to (items - 1) / 3 for few items)")
+
+
 class ExperimentSettings(StrictModel):
     ablation: AblationSettings = Field(default_factory=AblationSettings)
     noise: NoiseSettings = Field(default_factory=NoiseSettings)
     coldstart: ColdstartSettings = Field(default_factory=ColdstartSettings)
     cost: CostSettings = Field(default_factory=CostSettings)
     sensitivity: SensitivitySettings = Field(default_factory=SensitivitySettings)
+    tsne: TsneSettings = Field(default_factory=TsneSettings)
 
 
 SECTIONS = tuple(ExperimentSettings.model_fields)

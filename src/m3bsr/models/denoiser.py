@@ -6,6 +6,8 @@
   downstream (``denoise_output``) for a group of denoisers sharing one :class:`NoiseSchedule`.
 * :class:`ModalityDenoiser` (CDMD-M, Eq. 6-10) and :class:`BehaviorDenoiser` (CDMD-B, Eq. 11-13)
   only decide what is denoised, what conditions it and which mask applies.
+* :class:`ModalityMLP` is the paper's Figure 5 comparison: a plain 2-layer MLP in CDMD-M's place
+  (``modality_denoiser=mlp``), trained by the main loss only.
 
 Every tensor of a group stack is ``[G, N, L, d]``: G denoisers, N sequences, L tokens.
 """
@@ -190,6 +192,29 @@ class ModalityDenoiser(nn.Module):
         out, loss = self.diffusion(x, cond, mask, valid, need_loss)
         return ({m: out[k] for k, m in enumerate(self.modalities)},
                 {m: out[M + k] for k, m in enumerate(self.modalities)}, loss)
+
+
+class ModalityMLP(nn.Module):
+    """CDMD-M's place taken by a plain MLP (``modality_denoiser=mlp``, the paper's Figure 5 comparison):
+    per (behavior stream, content modality) group, ``W_2 GELU(W_1 x_0)`` with x_0 the same normalised
+    feature CDMD-M starts from (:func:`normalize_x0`); no condition, no diffusion, no loss of its own
+    (trained by the main loss only). Groups as :class:`ModalityDenoiser`: (aux, m) then (target, m)."""
+
+    def __init__(self, modalities: list[str], d: int):
+        super().__init__()
+        self.modalities = list(modalities)
+        G = 2 * len(self.modalities)
+        self.mlp = nn.Sequential(GroupedLinear(G, d, d), nn.GELU(), GroupedLinear(G, d, d))
+
+    def forward(self, aux: dict[str, Tensor], tgt: dict[str, Tensor], aux_times: Tensor, tgt_times: Tensor,
+                need_loss: bool) -> tuple[dict[str, Tensor], dict[str, Tensor], None]:
+        """``aux[m]``, ``tgt[m]`` [B, L, d] → mapped content streams (same shapes), no loss; the
+        times are unused (a token sees nothing but itself) and kept for :class:`ModalityDenoiser`'s signature."""
+        M = len(self.modalities)
+        x = torch.stack([aux[m] for m in self.modalities] + [tgt[m] for m in self.modalities])  # [2M, B, L, d]
+        out = self.mlp(normalize_x0(x))
+        return ({m: out[k] for k, m in enumerate(self.modalities)},
+                {m: out[M + k] for k, m in enumerate(self.modalities)}, None)
 
 
 class BehaviorDenoiser(nn.Module):

@@ -29,7 +29,7 @@ from m3bsr.batch import PAD, PAD_TIME, Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.errors import input_error
 from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
-from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser
+from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser, ModalityMLP
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor, causal_mean_pool
 from m3bsr.models.layers import (FastDropout, TransformerEncoder, latest_index_before, merge_by_time, or_null,
@@ -79,6 +79,9 @@ class M3BSRConfig(BaseModelConfig):
     id_dim: int = Field(16, ge=1, description="item id embedding width before the MLP (paper: 16)")
     side_dim: int = Field(16, ge=1, description="width of each side-id table (brand, seller...)")
     max_positions: int = Field(200, ge=1, description="size of the position tables (>= data.max_len)")
+    modality_denoiser: Literal["diffusion", "mlp"] = Field(
+        "diffusion", description="CDMD-M (Eq. 6-10), or a plain 2-layer MLP in its place trained by the main "
+        "loss only (the paper's Figure 5 comparison)")
     T_m: int = Field(10, ge=1, description="diffusion steps of CDMD-M")
     T_b: int = Field(10, ge=1, description="diffusion steps of CDMD-B")
     infer_steps: int | None = Field(None, ge=1, description="K: reverse steps / x0 step; None = each T")
@@ -121,6 +124,9 @@ class M3BSRConfig(BaseModelConfig):
         if self.no_meie and self.common_expert == "merged":
             raise ValueError("no_meie is the paper's ablation (common_expert=cross); with common_expert=merged "
                              "set no_specific_experts=true")
+        if self.modality_denoiser == "mlp" and self.no_cdmd_m:
+            raise ValueError("modality_denoiser=mlp puts an MLP in CDMD-M's place and no_cdmd_m removes that "
+                             "place; set only one of them")
         if self.beta_start > self.beta_end:
             raise ValueError(f"beta_start {self.beta_start} > beta_end {self.beta_end}")
         if self.infer_steps is not None and self.infer_steps > min(self.T_m, self.T_b):
@@ -311,7 +317,9 @@ class M3BSR(SequentialRecommender):
         common = dict(d=d, n_heads=h, dropout=p, diffusion_loss=cfg.diffusion_loss,
                       denoise_output=cfg.denoise_output)
         self.cdmd_m = None
-        if branches and self.input.content and not cfg.no_cdmd_m:
+        if branches and self.input.content and not cfg.no_cdmd_m and cfg.modality_denoiser == "mlp":
+            self.cdmd_m = ModalityMLP(self.input.content, d)  # Figure 5's comparison: no diffusion, no loss
+        elif branches and self.input.content and not cfg.no_cdmd_m:
             self.cdmd_m = ModalityDenoiser(self.input.content, schedule=self.schedules[str(cfg.T_m)],
                                            infer_steps=cfg.infer_steps or cfg.T_m, **common)
         self.cdmd_b = None
@@ -394,7 +402,7 @@ class M3BSR(SequentialRecommender):
         if self.cdmd_m is not None:  # Eq. 6-10
             aux_c, tgt_c, loss_m = self.cdmd_m(aux, tgt, aux_times, tgt_times, need_loss)
             aux, tgt = {**aux, **aux_c}, {**tgt, **tgt_c}
-            if need_loss:
+            if loss_m is not None:  # None: the MLP in CDMD-M's place, or no loss asked
                 terms["diff_m"] = cfg.lambda_m * loss_m
         if self.cdmd_b is not None:  # Eq. 11-13
             aux_b, loss_b = self.cdmd_b(aux, tgt, aux_times, tgt_times, need_loss)
