@@ -205,10 +205,11 @@ def table(res: dict) -> str:
         for axis, rows in res["curves"].items():
             for x, v in rows.items():
                 lines.append(f"  {axis}={x:<8} " + "  ".join(f"{k} {val:.3f}" if val else f"{k} -" for k, val in v.items()))
-    pair = res["train"].get("tmall_like d=64", {}) if res.get("train") else {}
-    if "seconds_per_epoch" in pair.get("m3bsr", {}) and "seconds_per_epoch" in pair.get("sasrec", {}):
-        lines += ["", f"ratio m3bsr/sasrec seconds-per-epoch = "
-                      f"{pair['m3bsr']['seconds_per_epoch'] / pair['sasrec']['seconds_per_epoch']:.2f}"]
+    ratios = [f"ratio m3bsr/sasrec seconds-per-epoch [{shape}] = "
+              f"{pair['m3bsr']['seconds_per_epoch'] / pair['sasrec']['seconds_per_epoch']:.2f}"
+              for shape, pair in (res.get("train") or {}).items()
+              if "seconds_per_epoch" in pair.get("m3bsr", {}) and "seconds_per_epoch" in pair.get("sasrec", {})]
+    lines += ["", *ratios] if ratios else []  # one line per data shape and width, the figure users feel
     return "\n".join(lines)
 
 
