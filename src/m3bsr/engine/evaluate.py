@@ -35,13 +35,19 @@ def _flatten_queries(reps: Tensor, batch) -> tuple[Tensor, Tensor, Tensor]:
     return reps[mask][:, None, :], batch.labels[mask], rows
 
 
-def sampled_ranks(model, reps: Tensor, batch) -> Tensor:
-    """[N] pessimistic ranks of the positive among ``batch.candidates`` [B, P, C] (positive first)."""
+def sampled_ranks(model, reps: Tensor, batch, table: Tensor | None = None) -> Tensor:
+    """[N] pessimistic ranks of the positive among ``batch.candidates`` [B, P, C] (positive first).
+
+    With the linear ``table`` (:func:`linear_table`) the candidates' rows are read from it, scored
+    as full ranking scores them (``[q, 1] . [w, b]``); else through ``model.score``."""
     mask = batch.query_mask
     cand, labels = batch.candidates[mask], batch.labels[mask]  # [N, C], [N]
     if not bool((cand[:, 0] == labels).all()):
         raise ValueError("sampled candidates must hold the positive in column 0 (see data/prepared.py)")
-    scores = model.score(reps[mask][:, None, :], items=cand[:, None, :]).float()[:, 0, :]  # [N, C]
+    if table is None:
+        scores = model.score(reps[mask][:, None, :], items=cand[:, None, :]).float()[:, 0, :]  # [N, C]
+    else:  # no output_layer() call per batch (M3BSR's computes the catalogue's item vectors)
+        scores = torch.bmm(table[cand], _table_queries(reps[mask].float(), table)[:, :, None])[:, :, 0]  # [N, C]
     bonus = model.history_bonus(reps, batch)
     if bonus is not None:
         scores = scores + candidate_bonus(cand, (bonus[0][mask], bonus[1][mask].float()))
@@ -181,7 +187,7 @@ def evaluate(model, windows: WindowArrays, cfg: EvalConfig, batch_size: int, dev
         with autocast:
             reps = model.represent(batch)
         reps = reps.float()
-        sampled = sampled_ranks(model, reps, batch).cpu() if batch.candidates is not None else None
+        sampled = sampled_ranks(model, reps, batch, table).cpu() if batch.candidates is not None else None
         return sampled, full_ranks(model, reps, batch, cfg.item_chunk, table).cpu()
 
     try:
