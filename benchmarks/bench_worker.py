@@ -5,7 +5,8 @@
 * ``train``: the engine's own session and ``train_step`` (autocast, compile, clipping, Adam) on
   ``steps`` shuffled batches after ``warmup`` batches; seconds/step, targets/s, seconds/epoch
   extrapolated from the mean step (``steps_per_epoch`` steps), data-loading share, GFLOP/s.
-* ``eval``: :func:`m3bsr.engine.evaluate` (both protocols, full ranking chunked) on ``users`` test windows.
+* ``eval``: :func:`m3bsr.engine.evaluate` (both protocols, full ranking chunked) on ``users`` test windows;
+  users/s and users per CPU-second (process time of every thread).
 * ``latency``: single-user top-10 with :class:`m3bsr.serving.recommend.Recommender`, p50/p99.
 * ``matmul``: the machine's fp32 matmul GFLOP/s (n x n x n, best of several).
 """
@@ -110,12 +111,14 @@ def evaluate(spec: dict) -> dict:
     bs = min(cfg.train.eval_batch_size, len(windows))
     run_eval(model, _subset(windows, min(bs, 64)), cfg.eval, bs, device, amp=True)  # warm-up
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_eval(model, windows, cfg.eval, bs, device, amp=True)
     _sync(device)
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    # CPU seconds of the whole process (every thread): on a shared machine the wall time depends on
+    # the share of the cores this process gets, the CPU time much less.
     return {"users": len(windows), "seconds": seconds, "users_per_s": len(windows) / seconds,
-            "items": ds.n_items, **_peak_mb(device)}
+            "cpu_s": cpu, "users_per_cpu_s": len(windows) / cpu, "items": ds.n_items, **_peak_mb(device)}
 
 
 def latency(spec: dict) -> dict:

@@ -127,12 +127,14 @@ def run(args, save) -> dict:
             save(res)
     # Several batches of users (eval batch 1024), so that evaluation's length-sorted batching applies
     # as it does on a real test split; the first N test windows of the dataset.
-    eval_sets = [("tmall_like", 4096 if args.quick else 16384, args.eval_threads)]
+    # Every model (--eval-models) on the first set; M3BSR and SASRec on the others.
+    every = args.eval_models.split(",")
+    eval_sets = [("tmall_like", 4096 if args.quick else 16384, args.eval_threads, every)]
     if not args.quick:
-        eval_sets += [("tmall_like", 16384, 1)] if args.device == "cpu" else []
-        eval_sets += [("items_1m", 2048, args.eval_threads)]
-    for name, users, threads in (eval_sets if "eval" in want else []):
-        for model in ("sasrec", "m3bsr"):
+        eval_sets += [("tmall_like", 16384, 1, ["sasrec", "m3bsr"])] if args.device == "cpu" else []
+        eval_sets += [("items_1m", 2048, args.eval_threads, ["sasrec", "m3bsr"])]
+    for name, users, threads, models in (eval_sets if "eval" in want else []):
+        for model in models:
             res["eval"][f"{name} {model} {threads}t"] = worker(dict(
                 kind="eval", model=model, d=64, L=args.L, dataset=str(data[name]), device=args.device,
                 threads=threads, users=users, tag=f"{name} {threads} thread(s)"), log)
@@ -190,12 +192,13 @@ def table(res: dict) -> str:
                          f"{r['seconds_per_epoch']:>9.1f}{r['targets_per_s']:>10.0f}{r['gflops']:>9.2f}"
                          f"{100 * r['gflops'] / peak:>6.1f}%{100 * r['data_share']:>6.1f}%{mem:>8.0f}{ratio:>7.2f}")
     lines += ["", "full-ranking evaluation (engine.evaluate, both protocols)",
-              f"{'catalogue / model':<24}{'users':>7}{'items':>10}{'users/s':>10}{'peakMB':>8}"]
+              f"{'catalogue / model':<24}{'users':>7}{'items':>10}{'users/s':>10}{'users/cpu-s':>12}{'peakMB':>8}"]
     for key, r in res["eval"].items():
         if "error" in r:
             lines.append(f"{key:<24} FAILED: {r['error']}")
             continue
-        lines.append(f"{key:<24}{r['users']:>7}{r['items']:>10}{r['users_per_s']:>10.0f}{r['peak_rss_mb']:>8.0f}")
+        lines.append(f"{key:<24}{r['users']:>7}{r['items']:>10}{r['users_per_s']:>10.0f}"
+                     f"{r.get('users_per_cpu_s', float('nan')):>12.0f}{r['peak_rss_mb']:>8.0f}")
     compiled = ", torch.compile" if res["meta"].get("compile") else ""
     lines += ["", f"single-user top-10 latency (Recommender.top_k, 1 thread{compiled})"]
     for model, r in res["latency"].items():
@@ -247,6 +250,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads for training (1: a shared machine stalls with more)")
     p.add_argument("--eval-threads", type=int, default=2, help="threads for the evaluation throughput runs")
+    p.add_argument("--eval-models", default="sasrec,m3bsr,gru4rec,bert4rec,mbstr,mmsasrec,pop",
+                   help="models of the first evaluation row set (the others: sasrec, m3bsr)")
     p.add_argument("--L", type=int, default=50, help="data.max_len")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--steps", type=int, default=4, help="timed steps per training run (full mode)")

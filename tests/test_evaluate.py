@@ -444,3 +444,56 @@ def test_evaluate_command_sets_checkpoint_and_split(tiny_prepared, tmp_path, cap
         assert cli_main(["evaluate", str(run), "--set", *sets]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("name", ["m3bsr", "sasrec", "mbstr"])
+def test_cpu_worker_threads_rank_as_one_thread(tiny_prepared, name):
+    """With T > 1 torch threads, CPU evaluation runs T batches at once on one intra-op thread each:
+    the ranks equal a one-thread run exactly, and the process's thread count comes back."""
+    import threading
+
+    from m3bsr.config import build_config
+    from m3bsr.models.registry import build_model
+
+    ds = PreparedDataset.load(tiny_prepared)
+    cfg = build_config(model=name, overrides=["model.hidden_size=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, ds.catalogue()).eval()
+    windows = WindowBuilder(ds, 50).eval_windows("test", "target")
+    seen = []
+    represent = model.represent
+
+    def spy(batch):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return represent(batch)
+
+    model.represent = spy
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, one = evaluate(model, windows, EvalConfig(item_chunk=16), batch_size=4, device="cpu")
+        assert {n for _, n in seen} == {1} and not any(t.startswith("m3bsr-eval") for t, _ in seen)
+        seen.clear()
+        torch.set_num_threads(2)
+        _, two = evaluate(model, windows, EvalConfig(item_chunk=16), batch_size=4, device="cpu")
+        assert torch.get_num_threads() == 2  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) > 4 and all(t.startswith("m3bsr-eval") and n == 1 for t, n in seen)
+    for p in ("full", "sampled"):
+        np.testing.assert_array_equal(two[p], one[p])
+    assert len(np.unique(one["full"])) > 3
+
+
+def test_worker_error_reaches_the_caller():
+    """An error raised in a worker thread comes out of evaluate() as itself."""
+    model = FixedScores([0.0, 0.9, 0.5, 0.5])
+    windows = _one_window(3, label=3, exclude=[0], candidates=[1, 3, 2])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(ValueError, match="column 0"):
+            evaluate(model, windows, EvalConfig(), batch_size=4, device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -194,3 +194,53 @@ def test_catalogue_projection_gives_the_same_item_vectors():
     torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
     few = items[:1, :3]
     assert torch.equal(model.item_vectors(few), model.input.item_vector(few))  # few tokens: per token
+
+
+def test_bert4rec_mask_row_only_last_layer_equals_all_rows():
+    """At inference BERT4Rec's last layer computes only the [MASK] row of each query's sequence."""
+    from m3bsr.config import build_config
+    from m3bsr.models.registry import build_model
+
+    torch.manual_seed(0)
+    cfg = build_config(model="bert4rec", overrides=["model.hidden_size=16", "model.dropout=0.0"]).model
+    model = build_model(cfg, make_catalogue(False))
+    batch = make_batch(B=6, L=10, seed=3, queries="random")
+    seen = []
+    original = model.encoder.forward
+    model.encoder.forward = lambda x, mask, rows=None, last_only=True: seen.append(last_only) or original(
+        x, mask, rows, last_only=last_only)
+    with torch.no_grad():
+        rows_only, all_rows = model.eval().represent(batch), model.train().represent(batch)
+    assert seen == [True, False]
+    mask = batch.query_mask
+    assert mask.sum() > 6 and torch.allclose(rows_only[mask], all_rows[mask], atol=1e-5, rtol=1e-4)
+
+
+def test_mbstr_rows_only_last_layer_equals_all_rows():
+    """At inference MB-STR's last block computes only the rows read at the queries (and its
+    behavior-specific linears skip padding tokens): the representations of the all-rows pass."""
+    from m3bsr.config import build_config
+    from m3bsr.models.mbstr import MBTransformerBlock
+    from m3bsr.models.registry import build_model
+
+    torch.manual_seed(0)
+    cfg = build_config(model="mbstr", overrides=["model.hidden_size=16", "model.dropout=0.0"]).model
+    model = build_model(cfg, make_catalogue(True))
+    batch = make_batch(B=6, L=10, seed=3, queries="random")
+    seen = []
+    original = MBTransformerBlock.forward
+
+    def spy(self, x, beh, mask, bucket, rows=None):
+        seen.append(rows is not None)
+        return original(self, x, beh, mask, bucket, rows)
+
+    MBTransformerBlock.forward = spy
+    try:
+        with torch.no_grad():
+            rows_only, all_rows = model.eval().represent(batch), model.train().represent(batch)
+    finally:
+        MBTransformerBlock.forward = original
+    n = cfg.n_layers
+    assert seen == [False] * (n - 1) + [True] + [False] * n  # eval: the last block only; train: none
+    mask = batch.query_mask
+    assert mask.sum() > 6 and torch.allclose(rows_only[mask], all_rows[mask], atol=1e-5, rtol=1e-4)

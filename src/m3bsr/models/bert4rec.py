@@ -64,14 +64,15 @@ class BERT4Rec(SequentialRecommender):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def encode_tokens(self, tokens: Tensor) -> Tensor:
-        """Bidirectional encoder over non-padding tokens: [N, L] → [N, L, d]."""
+    def encode_tokens(self, tokens: Tensor, rows: Tensor | None = None) -> Tensor:
+        """Bidirectional encoder over non-padding tokens: [N, L] → [N, L, d], or [N, R, d] at token
+        indices ``rows`` [N, R] (at inference the last layer then computes only those rows)."""
         N, L = tokens.shape
         check_positions(L, self.cfg.max_positions, self.cfg.name)
         x = self.item_emb(tokens) + self.pos_emb(torch.arange(L, device=tokens.device))  # [N, L, d]
         x = self.emb_ln(self.emb_drop(x))
         mask = (tokens != 0).unsqueeze(1).expand(N, L, L)  # [N, L, L]: every real token sees every real token
-        return self.encoder(x, mask)
+        return self.encoder(x, mask, rows, last_only=not self.training)
 
     def represent(self, batch: SequenceBatch) -> Tensor:
         """One sequence per real query: the events before it, then ``[MASK]`` (paper, Sec. 3.6)."""
@@ -83,8 +84,7 @@ class BERT4Rec(SequentialRecommender):
         tokens = F.pad(tokens, (0, 1))  # [N, L + 1]: room for the mask after a full window
         n_before = keep.sum(1)  # [N]
         tokens.scatter_(1, n_before[:, None], self.mask_id)
-        h = self.encode_tokens(tokens)  # [N, L + 1, d]
-        reps = self.head(h[torch.arange(len(bi), device=h.device), n_before])  # [N, d]
+        reps = self.head(self.encode_tokens(tokens, n_before[:, None])[:, 0])  # [N, d]: the [MASK] row
         out = reps.new_zeros(*batch.labels.shape, reps.shape[-1])  # [B, P, d]
         out[bi, pi] = reps
         return out

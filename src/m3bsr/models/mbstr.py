@@ -33,7 +33,8 @@ from torch import Tensor, nn
 from m3bsr.batch import Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
-from m3bsr.models.layers import check_heads, gather_latest_before, masked_sdpa, merge_by_time, split_heads, time_mask
+from m3bsr.models.layers import (check_heads, gather_latest_before, latest_index_before, masked_sdpa, merge_by_time,
+                                 or_null, split_heads, take_rows, time_mask)
 
 
 class MBSTRConfig(BaseModelConfig):
@@ -67,15 +68,27 @@ class BehaviorLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(n_behaviors + 1, d_out))
 
     def forward(self, x: Tensor, beh: Tensor) -> Tensor:
-        parts = []
-        for k in beh.unique().tolist():  # a handful of behaviors: one matmul each
-            sel = beh == k
-            parts.append((sel, F.linear(x[sel], self.weight[k].T, self.bias[k])))
-        dtype = parts[0][1].dtype if parts else x.dtype  # autocast may compute in bf16
-        out = x.new_zeros(*x.shape[:-1], self.weight.shape[-1], dtype=dtype)
-        for sel, y in parts:
-            out[sel] = y
-        return out
+        # Tokens sorted by behavior once (one gather there, one back), then one matmul per behavior
+        # on a contiguous slice: the same rows per matmul as a boolean selection each, without a
+        # mask, a scatter and a zero fill per behavior. At inference padding tokens (behavior 0)
+        # are left at zero: no real token attends to them.
+        flat, b = x.reshape(-1, x.shape[-1]), beh.reshape(-1)  # [M, i], [M]
+        order = torch.sort(b, stable=True).indices
+        counts = torch.bincount(b, minlength=self.weight.shape[0]).tolist()
+        xs = flat.index_select(0, order)  # grouped by behavior
+        ys, start = [], 0
+        for k, n in enumerate(counts):  # a handful of behaviors: one matmul each
+            if k == 0 and not self.training:
+                ys.append(n)  # padding at inference: n zero rows, made below
+            else:
+                ys.append(F.linear(xs[start:start + n], self.weight[k].T, self.bias[k]))
+            start += n
+        dtype = next((y.dtype for y in ys if isinstance(y, Tensor)), x.dtype)  # autocast may compute in bf16
+        ys = torch.cat([y if isinstance(y, Tensor) else xs.new_zeros(y, self.weight.shape[-1], dtype=dtype)
+                        for y in ys])  # [M, o] in behavior order
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return ys.index_select(0, inverse).view(*x.shape[:-1], -1)
 
 
 class MBTransformerBlock(nn.Module):
@@ -100,12 +113,17 @@ class MBTransformerBlock(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, beh: Tensor, mask: Tensor, bucket: Tensor) -> Tensor:
+    def forward(self, x: Tensor, beh: Tensor, mask: Tensor, bucket: Tensor, rows: Tensor | None = None) -> Tensor:
+        """[B, L, d] → [B, L, d]; with token indices ``rows`` [B, R] only those rows, [B, R, d], every
+        token still a key (exact: the block is row-wise apart from its attention keys)."""
         q, k, v = split_heads(self.qkv(x, beh), self.h, 3)  # each [B, h, L, dh]
         pair = (bucket * self.nb + beh[:, :, None]) * self.nb + beh[:, None, :]  # [B, L, L]
-        bias = self.bias(pair).permute(0, 3, 1, 2).to(q.dtype)  # [B, h, L, L]
+        if rows is not None:  # inference: the rows read at the queries, a few per window
+            q = q.gather(2, rows[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # [B, h, R, dh]
+            x, beh, pair, mask = take_rows(x, rows), take_rows(beh, rows), take_rows(pair, rows), take_rows(mask, rows)
+        bias = self.bias(pair).permute(0, 3, 1, 2).to(q.dtype)  # [B, h, Lq, L]
         y, has_key = masked_sdpa(q, k, v, mask.unsqueeze(1), self.cfg.dropout if self.training else 0.0,
-                                 bias=bias)  # [B, L, d]
+                                 bias=bias)  # [B, Lq, d]
         x = self.ln1(x + self.drop(self.out(y) * has_key.to(y.dtype)))
         return self.ln2(x + self.drop(self.ffn2(self.drop(F.gelu(self.ffn1(x, beh))), beh)))
 
@@ -143,8 +161,10 @@ class MBSTR(SequentialRecommender):
             self.item_emb.weight[0].zero_()
             self.beh_emb.weight[0].zero_()
 
-    def encode(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Hidden states [B, L, d] of the merged sequence and its items, behaviors, times [B, L]."""
+    def encode(self, batch: SequenceBatch, query_times: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Hidden states [B, L, d] of the merged sequence and its items, behaviors, times [B, L]. With
+        ``query_times`` [B, P] the last block computes only the latest token before each query: hidden
+        states [B, P, d] (inference)."""
         items, beh, times = merge_by_time(batch.aux_items, batch.aux_behaviors, batch.aux_times,
                                           batch.tgt_items, batch.tgt_times, self.target_behavior)
         L = items.shape[1]
@@ -152,8 +172,9 @@ class MBSTR(SequentialRecommender):
         mask = time_mask(times, times, strict=False)  # [B, L, L]
         pos = torch.arange(L, device=items.device)
         bucket = relative_bucket(pos[:, None] - pos[None, :], self.cfg.n_buckets, self.cfg.max_distance)  # [L, L]
-        for block in self.blocks:
-            x = block(x, beh, mask, bucket)
+        rows = latest_index_before(times, query_times)[0] if query_times is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, beh, mask, bucket, rows if i == len(self.blocks) - 1 else None)
         return x, items, beh, times
 
     def behavior_head(self, h: Tensor, beh: Tensor) -> Tensor:
@@ -164,8 +185,12 @@ class MBSTR(SequentialRecommender):
         return self.out_ln(torch.einsum("nk,nkd->nd", gate, experts))
 
     def represent(self, batch: SequenceBatch) -> Tensor:
-        h, _, _, times = self.encode(batch)
-        last = gather_latest_before(h, times, batch.query_times, self.null)  # [B, P, d]
+        if self.training:
+            h, _, _, times = self.encode(batch)
+            last = gather_latest_before(h, times, batch.query_times, self.null)  # [B, P, d]
+        else:  # the last block computes only the rows read at the queries
+            h, _, _, times = self.encode(batch, batch.query_times)  # [B, P, d]
+            last = or_null(h, latest_index_before(times, batch.query_times)[1], self.null)
         B, P, d = last.shape
         beh = torch.full((B * P,), self.target_behavior, device=last.device)
         return self.behavior_head(last.reshape(B * P, d), beh).view(B, P, d)
