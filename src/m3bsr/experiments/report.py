@@ -50,7 +50,7 @@ def build_report(dirs: list[Path], out: Path, title: str = "M3BSR experiments") 
     for d in dirs:
         d = Path(d)
         name, text = read_section(d)
-        text += f"\n\n*Source: `{d}`*\n"
+        text += f"\n\n*Source: `{os.path.relpath(Path(d).resolve(), Path(out).resolve().parent)}`*\n"
 
         def relink(m: re.Match) -> str:
             path = d / m.group(2)
