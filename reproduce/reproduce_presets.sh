@@ -9,21 +9,7 @@
 # offline ml100k_mm features (docs/features.md): ml100k_text.parquet and ml100k_image.parquet in
 # $M3BSR_FEATURES (default OUT/features), encoded there first when absent (the encoders extra).
 # Runs from anywhere: it changes to the checkout, whose .venv it uses (or $M3, an m3bsr command).
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT=$(realpath -m "${1:?usage: M3BSR_DATA=DIR bash reproduce/reproduce_presets.sh OUT  (OUT: a folder outside the checkout)}")
-DATA=$(realpath -m "${M3BSR_DATA:?set M3BSR_DATA to the real data folder (ml100k_mm/, retail_rocket/, tmall/)}")
-FEATURES=$(realpath -m "${M3BSR_FEATURES:-$OUT/features}")
-TEXT="$FEATURES/ml100k_text.parquet"
-IMAGE="$FEATURES/ml100k_image.parquet"
-cd "$ROOT"  # the commands below name files of the checkout (.venv, reproduce/configs) relative to it
-M3="${M3:-.venv/bin/m3bsr}"
-export OMP_NUM_THREADS=1
-
-# ---------------------------------------------------------------- features of ml100k_mm (once, then reused)
-mkdir -p "$OUT" "$FEATURES"
-[ -f "$TEXT" ] || $M3 features text "$DATA/ml100k_mm/items.csv" --columns title,overview --out "$TEXT" --quiet
-[ -f "$IMAGE" ] || $M3 features image "$DATA/ml100k_mm/posters" --out "$IMAGE" --quiet
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"  # paths, $M3, the ml100k_mm features
 
 # ---------------------------------------------------------------- 0. prepared datasets (all users)
 $M3 prepare "$DATA/ml100k_mm" --preset ml100k_mm --out "$OUT/data/ml100k_mm" \

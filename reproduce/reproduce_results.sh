@@ -19,21 +19,7 @@
 # gives the same metrics.
 # Steps 6-7 (sweeps, the paper-grid screen and the tuned Table 1) took 03:46-05:56 of wall time on two job
 # queues (one thread each) plus an occasional third job: about 4.3 CPU-hours, M3BSR most of it.
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-OUT=$(realpath -m "${1:?usage: M3BSR_DATA=DIR bash reproduce/reproduce_results.sh OUT  (OUT: a folder outside the checkout)}")
-DATA=$(realpath -m "${M3BSR_DATA:?set M3BSR_DATA to the real data folder (ml100k_mm/, retail_rocket/, tmall/)}")
-FEATURES=$(realpath -m "${M3BSR_FEATURES:-$OUT/features}")
-TEXT="$FEATURES/ml100k_text.parquet"
-IMAGE="$FEATURES/ml100k_image.parquet"
-cd "$ROOT"  # the commands below name files of the checkout (.venv, reproduce/configs) relative to it
-M3="${M3:-.venv/bin/m3bsr}"
-export OMP_NUM_THREADS=1
-
-# ---------------------------------------------------------------- features of ml100k_mm (once, then reused)
-mkdir -p "$OUT" "$FEATURES"
-[ -f "$TEXT" ] || $M3 features text "$DATA/ml100k_mm/items.csv" --columns title,overview --out "$TEXT" --quiet
-[ -f "$IMAGE" ] || $M3 features image "$DATA/ml100k_mm/posters" --out "$IMAGE" --quiet
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh" "$@"  # paths, $M3, the ml100k_mm features
 
 # `/usr/bin/time -v` appends each command's peak RSS ("Maximum resident set size") to $OUT/time.log.
 TIME="/usr/bin/time -v -a -o $OUT/time.log"
