@@ -50,24 +50,8 @@ def _temp_sibling(path: Path, directory: bool) -> Any:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + rename)."""
-    path = Path(path)
-    fd, tmp = _temp_sibling(path, directory=False)
-    try:
-        # mkstemp creates 0600; give the file the permissions an ordinary open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):  # e.g. disk full: the old file is untouched
-            raise input_error(str(path), f"cannot write here ({e.strerror}); the previous file is unchanged",
-                              "Free disk space or choose another output path") from None
-        raise
-    _fsync_dir(path.parent)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 @contextlib.contextmanager
@@ -79,7 +63,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give what an ordinary open() would
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
