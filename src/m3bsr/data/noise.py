@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from m3bsr.atomic import atomic_dir
+from m3bsr.data.prepare import up_to_date
 from m3bsr.data.prepared import EvalTargets, PreparedDataset, write_prepared
 from m3bsr.errors import input_error
 from m3bsr.seeding import numpy_rng
@@ -142,15 +143,10 @@ def inject_noise(source: str | Path, out: str | Path, spec: NoiseSpec, *, overwr
     ds = PreparedDataset.load(source)
     out = Path(out)
     fp = _fingerprint(ds, spec)
-    if (out / "manifest.json").is_file():
-        try:
-            old = json.loads((out / "manifest.json").read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") == fp:
-            return {**old, "up_to_date": True}
-        if not overwrite:
-            raise input_error(str(out), "exists and holds other data", "Pass overwrite, or choose another directory")
+    if (current := up_to_date(out, fp)) is not None:
+        return current
+    if (out / "manifest.json").is_file() and not overwrite:
+        raise input_error(str(out), "exists and holds other data", "Pass overwrite, or choose another directory")
     rng = numpy_rng(spec.seed, f"noise-{spec.kind}")
     events, valid, test = ds.events, ds.valid, ds.test
     features, masks = ds.features, ds.feature_masks

@@ -317,6 +317,16 @@ def _read_source(source: str | Path | pd.DataFrame, events_path: Path | None, cf
     return events[~events["row"].isin(b.rows())].reset_index(drop=True), where, features, labels
 
 
+def up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The manifest of the prepared directory ``out`` with ``"up_to_date": True`` when it was built with
+    ``fingerprint`` (same sources + config), else None (absent, unreadable or other data)."""
+    try:
+        manifest = json.loads((Path(out) / "manifest.json").read_text())
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+        return None
+    return {**manifest, "up_to_date": True} if manifest.get("fingerprint") == fingerprint else None
+
+
 def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: str | Path, overwrite: bool = False,
             log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
             overrides: list[str] = ()) -> dict[str, Any]:
@@ -345,13 +355,8 @@ def prepare(source: str | Path | pd.DataFrame, cfg: PrepareConfig | str, out: st
         hashes.insert(0, {"role": "events", "path": "DataFrame", "sha256": _frame_sha256(source),
                           "size": int(len(source))})
     fp = _fingerprint(cfg, hashes)
-    if (out / "manifest.json").is_file() and not report:
-        try:
-            old = json.loads((out / "manifest.json").read_text())
-        except json.JSONDecodeError:
-            old = {}
-        if old.get("fingerprint") == fp:
-            return {**old, "up_to_date": True}
+    if not report and (current := up_to_date(out, fp)) is not None:
+        return current
     if out.exists() and not overwrite and not report:
         raise input_error(str(out), "exists and was prepared from other sources or another config",
                           "Pass --overwrite to replace it, or choose another --out")
