@@ -12,6 +12,7 @@ from pathlib import Path
 
 from m3bsr import __version__
 from m3bsr.errors import InputError
+from m3bsr.experiments import EXPERIMENTS  # torch-free: the names only
 
 MODELS = "m3bsr, pop, gru4rec, sasrec, bert4rec, mbstr, mmsasrec"
 EPILOG_SET = "Config keys are dotted, e.g. --set train.lr=0.001 --set model.preset=paper (see docs/config.md)."
@@ -140,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run an experiment: train (or reuse) its runs, then write results.csv, NAME.png, "
                        "NAME.md and experiment.json to --out. Finished runs are reused and unfinished ones resumed, "
                        "so an interrupted experiment continues where it stopped.")
-    p.add_argument("name", choices=["ablation", "sensitivity", "coldstart", "tsne", "cost", "noise"],
+    p.add_argument("name", choices=EXPERIMENTS,
                    help="which experiment (docs/experiments.md)")
     p.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="prepared dataset directory")
     p.add_argument("--models", help="comma-separated model entries, MODEL[@PRESET][+KEY=VALUE...] "
