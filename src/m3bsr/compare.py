@@ -187,20 +187,22 @@ def run_path(out: Path, model: str, seed: int) -> Path:
     return Path(out) / "runs" / f"{model}-s{seed}"
 
 
-def _engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, quiet: bool) -> dict:
+def engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, quiet: bool) -> dict:
+    """Train one run with the engine (the default ``train_fn`` of compare, sweep and experiments); its summary."""
     from m3bsr.engine.train import train
 
     return train(cfg, dataset, out, overwrite=overwrite, quiet=quiet)
 
 
-def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
+def engine_resume(run_dir: Path, *, quiet: bool) -> dict:
+    """Resume one run from its last.pt with the engine (the default ``resume_fn``); its summary."""
     from m3bsr.engine.train import resume
 
     return resume(run_dir, quiet=quiet)
 
 
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
-            train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
+            train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
             log: Callable[[str], None] = print) -> dict:
     """Train one run, reuse it when finished, or resume it from last.pt; a run of another config or
     dataset is refused (the rule is :meth:`~m3bsr.engine.runs.RunDir.reuse`), ``overwrite`` retrains."""
@@ -221,7 +223,7 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
 
 def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path, raw: dict[str, Any] | None = None,
                 sets: list[str] = (), overwrite: bool = False, quiet: bool = False, source: str = "config",
-                train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
+                train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
                 log: Callable[[str], None] = print, progress: Callable[[str], None] | None = None,
                 clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
     """Every model x seed, then the report files; returns the results table (see :func:`results_table`).

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from m3bsr import atomic
+from m3bsr.compare import engine_resume, engine_train
 from m3bsr.config import Config, load_config, parse_override
 from m3bsr.errors import input_error
 from m3bsr.progress import RunProgress
@@ -57,21 +58,9 @@ def _slug(overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(short))[:80]
 
 
-def _engine_train(cfg: Config, dataset: Path, out: Path, *, overwrite: bool, quiet: bool) -> dict:
-    from m3bsr.engine.train import train
-
-    return train(cfg, dataset, out, overwrite=overwrite, quiet=quiet)
-
-
-def _engine_resume(run_dir: Path, *, quiet: bool) -> dict:
-    from m3bsr.engine.train import resume
-
-    return resume(run_dir, quiet=quiet)
-
-
 def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
           overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False,
-          train_fn: Callable = _engine_train, resume_fn: Callable = _engine_resume,
+          train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
           progress: Callable[[str], None] = print,
           clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
     """Train every grid point on ``dataset`` and rank them on validation. Returns the table.

@@ -150,11 +150,11 @@ def run_jobs(ctx: Context, jobs: list[Job]) -> dict[tuple, dict]:
 
         def train_fn(*a, **kw):
             trained.append(True)
-            return compare._engine_train(*a, **kw)
+            return compare.engine_train(*a, **kw)
 
         def resume_fn(*a, **kw):
             trained.append(True)
-            return compare._engine_resume(*a, **kw)
+            return compare.engine_resume(*a, **kw)
 
         summaries[job.key] = compare.run_one(job.cfg, job.dataset, job.run_dir, overwrite=ctx.overwrite,
                                              quiet=ctx.quiet, train_fn=train_fn, resume_fn=resume_fn, log=ctx.log)
