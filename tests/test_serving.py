@@ -165,6 +165,24 @@ def test_raw_history_equals_known_user_and_batching_does_not_change_results(sasr
     assert len({tuple(r.item for r in x) for x in together}) > 1  # SASRec personalises
 
 
+def test_output_layer_is_built_once_and_ranks_as_model_score(runs, tmp_path):
+    """The frozen model's output layer (Eq. 23) is built at the first query and reused: M3BSR's item
+    vectors project every item's content, which dominated a single-user query. Same answers as
+    ``model.score`` built anew for every query."""
+    run = _train(tmp_path, runs["dataset"], "m3bsr", ["model.hidden_size=16"])
+    cached, fresh = Recommender.from_run(run), Recommender.from_run(run)
+    fresh._score = fresh.model.score  # the old path: the output layer rebuilt for every query
+    calls = []
+    build = cached.model.output_layer
+    cached.model.output_layer = lambda: calls.append(1) or build()
+    users = [f"u{i}" for i in range(1, 9)]
+    for batch in ([users[0]], users, [users[3]]):
+        got = cached.recommend_users(batch, k=10, exclude_seen=True)
+        want = fresh.recommend_users(batch, k=10, exclude_seen=True)
+        assert [[(r.item, r.score) for r in x] for x in got] == [[(r.item, r.score) for r in x] for x in want]
+    assert len(calls) == 1
+
+
 @pytest.mark.slow
 def test_compiled_recommender_matches_eager(runs):
     """``compile=True`` (``m3bsr serve --compile``): compiled at construction, same answers."""
