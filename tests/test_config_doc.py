@@ -80,3 +80,11 @@ def test_model_keys_match_the_model_config(name):
 def test_yaml_example_builds():
     example = DOC.read_text().split("```yaml\n", 1)[1].split("```", 1)[0]
     build_config(yaml.safe_load(example))
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_registry_config_class_is_the_models_own(name):
+    """The registry's torch-free name → config map and each model's ``config_class`` name the same class."""
+    from m3bsr.models.registry import model_class
+
+    assert model_config_class(name) is model_class(name).config_class

@@ -15,11 +15,12 @@ from m3bsr.data.batches import WindowBuilder
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.errors import InputError
 from m3bsr.models import denoiser as denoiser_module
+from m3bsr.models.configs import PRESETS, M3BSRConfig
 from m3bsr.models.denoiser import BehaviorDenoiser
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor
 from m3bsr.models.layers import time_mask
-from m3bsr.models.m3bsr import PRESETS, M3BSR, M3BSRConfig
+from m3bsr.models.m3bsr import M3BSR
 from m3bsr.models.registry import build_model
 from m3bsr.models.summary import count_parameters, measure_flops, summarize
 

@@ -64,6 +64,7 @@ class TinyRec(SequentialRecommender):
 @pytest.fixture(autouse=True)
 def tiny_registered(monkeypatch):
     monkeypatch.setitem(registry._MODELS, "tiny", f"{__name__}:TinyRec")
+    monkeypatch.setitem(registry._CONFIGS, "tiny", TinyConfig)
 
 
 def cfg_for(model="tiny", **sets):

@@ -1,7 +1,8 @@
 """Typed run configuration: one tree, saved with every run, settable with dotted ``--set`` keys.
 
 Sections: ``seed``, ``data`` (context window), ``model`` (the typed config of the chosen model,
-one class per model, registered in :mod:`m3bsr.models.registry`), ``train`` and ``eval``.
+one class per model in :mod:`m3bsr.models.configs`, registered in :mod:`m3bsr.models.registry`),
+``train`` and ``eval``.
 Unknown keys and values of the wrong type are :class:`~m3bsr.errors.InputError` with one line
 naming the key and the fix.
 """

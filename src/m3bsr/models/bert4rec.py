@@ -16,30 +16,14 @@ NOTE: mask draws use the global torch RNG (seeded from the run seed by the engin
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
-from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import InputMode, TransformerEncoder, check_positions, sequence_input
-
-
-class BERT4RecConfig(BaseModelConfig):
-    """BERT4Rec hyper-parameters (paper defaults; hidden size shared with every model)."""
-
-    name: Literal["bert4rec"] = "bert4rec"
-    n_layers: int = Field(2, ge=0)
-    n_heads: int = Field(2, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    mask_prob: float = Field(0.2, gt=0.0, le=1.0, description="cloze mask proportion rho")
-    mask_scope: Literal["target", "all"] = Field("target", description="which tokens the cloze task may mask")
-    input: InputMode = Field("merged", description="merged = aux + target events by time; target = target only")
-    max_positions: int = Field(512, ge=2, description="learned positions; >= merged window length + 1")
+from m3bsr.models.configs import BERT4RecConfig
+from m3bsr.models.layers import TransformerEncoder, check_positions, sequence_input
 
 
 class BERT4Rec(SequentialRecommender):

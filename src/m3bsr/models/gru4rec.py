@@ -12,25 +12,13 @@ paper's embedding variant), so the hidden size is shared with every other model.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
-from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import InputMode, gather_latest_before, sequence_input
-
-
-class GRU4RecConfig(BaseModelConfig):
-    """GRU4Rec hyper-parameters (``n_heads`` is unused)."""
-
-    name: Literal["gru4rec"] = "gru4rec"
-    n_layers: int = Field(1, ge=1)
-    dropout: float = Field(0.5, ge=0.0, lt=1.0)
-    input: InputMode = Field("merged", description="merged = aux + target events by time; target = target only")
+from m3bsr.models.configs import GRU4RecConfig
+from m3bsr.models.layers import gather_latest_before, sequence_input
 
 
 class GRU4Rec(SequentialRecommender):

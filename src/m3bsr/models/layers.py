@@ -7,7 +7,7 @@ time-aware mask (docs/architecture.md "Time and causality"), not only a padding 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import SequenceBatch
 from m3bsr.errors import input_error
+from m3bsr.models.configs import InputMode
 
 
 def time_mask(q_times: Tensor, k_times: Tensor, *, strict: bool) -> Tensor:
@@ -250,9 +251,8 @@ def merge_by_time(aux_items: Tensor, aux_behaviors: Tensor, aux_times: Tensor, t
 
 
 # --------------------------------------------------------------------------- single-stream input
-# What the single-stream baselines (GRU4Rec, SASRec, BERT4Rec, MM-SASRec) read, and their position check.
-
-InputMode = Literal["merged", "target"]
+# What the single-stream baselines (GRU4Rec, SASRec, BERT4Rec, MM-SASRec) read, and their position check (the
+# InputMode of their ``input`` key lives in models/configs.py, torch-free).
 
 
 def sequence_input(batch: SequenceBatch, mode: InputMode, target_behavior: int) -> tuple[Tensor, Tensor, Tensor]:

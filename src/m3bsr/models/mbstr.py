@@ -23,31 +23,16 @@ the model as in the paper.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
-from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
+from m3bsr.models.configs import MBSTRConfig
 from m3bsr.models.layers import (check_heads, gather_latest_before, latest_index_before, masked_sdpa, merge_by_time,
                                  or_null, split_heads, take_rows, time_mask)
-
-
-class MBSTRConfig(BaseModelConfig):
-    """MB-STR hyper-parameters (hidden size shared with every model)."""
-
-    name: Literal["mbstr"] = "mbstr"
-    n_layers: int = Field(2, ge=0)
-    n_heads: int = Field(2, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    n_experts: int = Field(3, ge=1, description="shared experts of the behavior-aware prediction")
-    n_buckets: int = Field(32, ge=2, description="relative-distance buckets of the attention bias")
-    max_distance: int = Field(128, ge=2, description="distance mapped to the last bucket")
-    aux_weight: float = Field(1.0, ge=0.0, description="weight of next-item loss on auxiliary behaviors")
 
 
 def relative_bucket(distance: Tensor, n_buckets: int, max_distance: int) -> Tensor:

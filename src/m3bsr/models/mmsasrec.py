@@ -12,23 +12,14 @@ catalogue (or with ``modalities: []``) it is exactly SASRec.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue
 from m3bsr.errors import input_error
-from m3bsr.models.sasrec import SASRec, SASRecConfig
-
-
-class MMSASRecConfig(SASRecConfig):
-    """SASRec's hyper-parameters plus the modalities to fuse."""
-
-    name: Literal["mmsasrec"] = "mmsasrec"  # type: ignore[assignment]
-    modalities: list[str] | None = Field(None, description="modalities to fuse; null = every one the dataset has")
+from m3bsr.models.configs import MMSASRecConfig
+from m3bsr.models.sasrec import SASRec
 
 
 class MMSASRec(SASRec):

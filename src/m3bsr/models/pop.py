@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from m3bsr.batch import Catalogue, SequenceBatch
-from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-
-
-class PopConfig(BaseModelConfig):
-    """Popularity has no hyper-parameters of its own."""
-
-    name: Literal["pop"] = "pop"
+from m3bsr.models.configs import PopConfig
 
 
 class Pop(SequentialRecommender):

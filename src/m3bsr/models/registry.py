@@ -1,4 +1,5 @@
-"""Model registry: name → model class (imported lazily, so each model lives in its own module).
+"""Model registry: name → model class (imported lazily, so each model lives in its own module) and
+name → config class (:mod:`m3bsr.models.configs`, torch-free: a config validates without torch).
 
 Names are matched case-insensitively (``--model SASRec`` is ``sasrec``); configs store the registered spelling."""
 
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from m3bsr.config import BaseModelConfig
 from m3bsr.errors import input_error
+from m3bsr.models import configs
 
 if TYPE_CHECKING:  # m3bsr.batch imports torch; name checks (canonical_name) need none
     from m3bsr.batch import Catalogue
@@ -22,6 +24,16 @@ _MODELS: dict[str, str] = {
     "mbstr": "m3bsr.models.mbstr:MBSTR",
     "mmsasrec": "m3bsr.models.mmsasrec:MMSASRec",
 }
+_CONFIGS: dict[str, type[BaseModelConfig]] = {
+    "m3bsr": configs.M3BSRConfig,
+    "pop": configs.PopConfig,
+    "gru4rec": configs.GRU4RecConfig,
+    "sasrec": configs.SASRecConfig,
+    "bert4rec": configs.BERT4RecConfig,
+    "mbstr": configs.MBSTRConfig,
+    "mmsasrec": configs.MMSASRecConfig,
+}
+"""Each model's config class; the model class names the same one as its ``config_class``."""
 
 
 def model_names() -> list[str]:
@@ -47,8 +59,8 @@ def model_class(name: str) -> type:
 
 
 def model_config_class(name: str) -> type[BaseModelConfig]:
-    """The typed config class of model ``name``."""
-    return model_class(name).config_class
+    """The typed config class of model ``name`` (any letter case); imports no torch."""
+    return _CONFIGS[canonical_name(name)]
 
 
 def build_model(cfg: BaseModelConfig, catalogue: Catalogue):

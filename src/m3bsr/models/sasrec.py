@@ -15,17 +15,15 @@ strongest fair input for a single-behavior model), ``target`` only the target be
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
-from m3bsr.config import BaseModelConfig
 from m3bsr.models.base import SequentialRecommender
-from m3bsr.models.layers import (InputMode, TransformerEncoder, check_positions, latest_index_before, or_null,
+from m3bsr.models.configs import SASRecConfig
+from m3bsr.models.layers import (TransformerEncoder, check_positions, latest_index_before, or_null,
                                  sequence_input, time_mask)
 
 def sample_negatives(positives: Tensor, n_items: int) -> Tensor:
@@ -35,18 +33,6 @@ def sample_negatives(positives: Tensor, n_items: int) -> Tensor:
     """
     offset = torch.randint(1, max(n_items, 2), positives.shape, device=positives.device)
     return (positives - 1 + offset) % n_items + 1
-
-
-class SASRecConfig(BaseModelConfig):
-    """SASRec hyper-parameters (paper defaults; hidden size shared with every model)."""
-
-    name: Literal["sasrec"] = "sasrec"
-    n_layers: int = Field(2, ge=0)
-    n_heads: int = Field(1, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    input: InputMode = Field("merged", description="merged = aux + target events by time; target = target only")
-    loss: Literal["ce", "bce"] = Field("ce", description="ce = full softmax; bce = paper's one sampled negative")
-    max_positions: int = Field(512, ge=1, description="learned positions; >= merged window length (2 x data.max_len)")
 
 
 class SASRec(SequentialRecommender):
