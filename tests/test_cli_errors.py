@@ -412,6 +412,12 @@ def _imported(importtime_stderr: str) -> set[str]:
 def test_path_errors_answer_before_torch_is_imported(argv, message):
     """A missing path, file or model name is reported before torch or pandas is imported (the import alone
     costs seconds and ~300 MB): the real entry point, with -X importtime listing every import."""
+    _assert_answers_before_torch(argv, message)
+
+
+def _assert_answers_before_torch(argv: list[str], message: str) -> None:
+    """``python -X importtime -m m3bsr ARGV`` exits 2 with one stderr line holding ``message``, and neither
+    torch nor pandas was imported."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "m3bsr", *argv], capture_output=True,
                           text=True, timeout=120)
     errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
@@ -419,3 +425,44 @@ def test_path_errors_answer_before_torch_is_imported(argv, message):
     imported = _imported(proc.stderr)
     assert "m3bsr" in imported  # the listing is real
     assert not imported & {"torch", "pandas"}, sorted(imported & {"torch", "pandas"})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--dataset", "{ds}", "--set", "model.no_meiee=true"],
+     "config + --set: unknown config key 'model.no_meiee'. Did you mean model.no_meie?"),
+    (["train", "--dataset", "{ds}", "--set", "train.max_epoch=3"],
+     "config + --set: unknown config key 'train.max_epoch'. Did you mean train.max_epochs?"),
+    (["train", "--dataset", "{ds}", "--model", "sasrec", "--set", "model.no_meie=true"],
+     "config key 'model.no_meie' does not apply to model 'sasrec'. Only model m3bsr has it"),
+    (["train", "--dataset", "{ds}", "--set", "model.no_meie=true"],  # M3BSRConfig's validator, default preset
+     "no_meie is the paper's ablation (common_expert=cross)"),
+    (["train", "--dataset", "{ds}", "--set", "model.preset=paper", "--set", "model.infer_steps=50"],
+     "infer_steps 50 exceeds min(T_m, T_b) = 10"),
+    (["train", "--dataset", "{ds}", "--config", "{tmp}/run.yaml"],
+     "unknown config key 'train.lrr'. Did you mean train.lr?"),
+    (["train", "--resume", "{pop}", "--set", "train.max_epoch=3"], "unknown config key 'train.max_epoch'"),
+    (["evaluate", "{pop}", "--set", "eval.kss=[5]"], "unknown config key 'eval.kss'. Did you mean eval.ks?"),
+    (["model-summary", "--dataset", "{ds}", "--set", "model.hidden_sise=8"], "unknown config key 'model.hidden_sise'"),
+    (["compare", "--dataset", "{ds}", "--models", "pop,sasrec", "--seeds", "0", "--set", "model.n_layer=1",
+      "--out", "{tmp}/out"], "model.n_layer: no listed model has this key"),
+    (["compare", "--dataset", "{ds}", "--models", "pop,sasrec", "--seeds", "0", "--set", "train.max_epoch=1",
+      "--out", "{tmp}/out"], "unknown config key 'train.max_epoch'"),
+    (["sweep", "--dataset", "{ds}", "--model", "sasrec", "--grid", "model.dropout=0.1,0.2", "--set",
+      "train.lrr=0.1", "--out", "{tmp}/out"], "unknown config key 'train.lrr'"),
+    (["sweep", "--dataset", "{ds}", "--model", "sasrec", "--grid", "model.hidden_size=8,0", "--out", "{tmp}/out",
+      "--overwrite"], "config key 'model.hidden_size': Input should be greater than or equal to 1 (got 0)"),  # 2nd point
+    (["experiment", "ablation", "--dataset", "{ds}", "--out", "{tmp}/out", "--set", "train.max_epoch=1"],
+     "unknown config key 'train.max_epoch'"),
+    (["experiment", "coldstart", "--dataset", "{ds}", "--out", "{tmp}/out", "--set", "coldstart.max_trains=3"],
+     "--set coldstart.max_trains: Extra inputs are not permitted"),
+])
+def test_config_errors_answer_before_torch_is_imported(argv, message, trained, tmp_path):
+    """A misspelt config key (``--set``, ``--config``, a grid point, an experiment setting), another model's
+    key or a value a validator refuses is reported before torch or pandas is imported, by every command
+    that builds run configs; nothing is written or deleted (not even by sweep --overwrite)."""
+    (tmp_path / "run.yaml").write_text("train:\n  lrr: 0.1\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine\n")
+    places = {"ds": trained["dataset"], "pop": trained["pop"], "tmp": tmp_path}
+    _assert_answers_before_torch([a.format(**places) for a in argv], message)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

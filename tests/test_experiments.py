@@ -267,3 +267,22 @@ def test_report_includes_the_tsne_figure(tiny_synthetic, tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert f"data:image/png;base64,{base64.b64encode((out / 'tsne.png').read_bytes()).decode()}" in page
     assert "Item representations (paper Figure 5)" in page
+
+
+@pytest.mark.parametrize("name", ["ablation", "sensitivity", "coldstart", "tsne", "cost", "noise"])
+def test_check_configs_builds_the_starting_entries_of_each_experiment(name, tmp_path):
+    """``Context.check_configs`` (run by the command before the experiment's module imports torch) builds the
+    runs' configs of the entries each experiment starts from: its defaults pass, a misspelt run key fails, and
+    ``--models`` replaces the defaults (a base experiment reads only the first entry)."""
+    from m3bsr.errors import InputError
+    from m3bsr.experiments import EXPERIMENTS
+    from m3bsr.experiments.base import Context
+
+    assert name in EXPERIMENTS
+    Context(dataset=tmp_path, out=tmp_path, seeds=[0, 1]).check_configs(name)
+    with pytest.raises(InputError, match="unknown config key 'train.max_epoch'"):
+        Context(dataset=tmp_path, out=tmp_path, seeds=[0], sets=["train.max_epoch=1"]).check_configs(name)
+    one_base = name in ("ablation", "sensitivity", "tsne")  # sasrec alone, or both (m3bsr's validator answers)
+    with pytest.raises(InputError, match="no listed model has this key" if one_base else "the paper's ablation"):
+        Context(dataset=tmp_path, out=tmp_path, seeds=[0], models=["sasrec", "m3bsr"],
+                sets=["model.no_meie=true"]).check_configs(name)

@@ -7,7 +7,8 @@ refused (one rule for compare and sweep: :meth:`m3bsr.engine.runs.RunDir.reuse`)
 (``sweep.csv``, ``sweep.md``) ranks points by the monitored validation metric, and
 ``--emit-best FILE`` writes the winning config as YAML, ready for ``m3bsr train --config FILE``.
 Before each point one plain line ``sweep: [3/8] sasrec train.lr=1e-3 · ETA 5m20s
-(40s per run)`` says where the sweep is (under ``--quiet`` too; a reused point says so).
+(40s per run)`` says where the sweep is (under ``--quiet`` too; a reused point says so). Every point's
+config is validated before the first trains, and before torch or pandas is imported.
 """
 
 from __future__ import annotations
@@ -17,15 +18,16 @@ import itertools
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
 from m3bsr import atomic
 from m3bsr.compare import engine_resume, engine_train
 from m3bsr.config import Config, load_config, parse_override
 from m3bsr.errors import input_error
 from m3bsr.progress import RunProgress
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 METRICS = ("HR@10", "NDCG@10", "HR@20", "NDCG@20", "MRR")
 
@@ -58,6 +60,18 @@ def _slug(overrides: list[str]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(short))[:80]
 
 
+def point_configs(grid: str, config: Path | None, model: str, overrides: list[str]
+                  ) -> tuple[list[tuple[str, list[str]]], list[list[str]], Config, list[Config]]:
+    """The grid's axes and points, the config without a point, and each point's run config: every key and
+    value is validated here, before anything trains (an :class:`InputError` names the first bad one)."""
+    axes = parse_grid(grid)
+    points = grid_points(axes)
+    base = load_config(config, model=model, overrides=list(overrides))  # the fixed keys, once
+    cfgs = [load_config(config, model=model, overrides=[*overrides, *point, "train.eval_test=false"])
+            for point in points]
+    return axes, points, base, cfgs
+
+
 def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | None = None,
           overrides: list[str] = (), emit_best: Path | None = None, quiet: bool = False,
           train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
@@ -67,15 +81,14 @@ def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | Non
 
     Before each point ``progress`` gets ``[k/N] POINT`` and, once a point has trained, the ETA of
     the rest (:class:`~m3bsr.progress.RunProgress`, timed by ``clock``)."""
+    axes, points, base, cfgs = point_configs(grid, config, model, list(overrides))
+    import pandas as pd
+
     from m3bsr.engine.runs import RunDir
 
-    axes = parse_grid(grid)
-    points = grid_points(axes)
-    base = load_config(config, model=model, overrides=list(overrides))  # validates the fixed keys once
     rows: list[dict[str, Any]] = []
     where = RunProgress(len(points), clock)
-    for k, point in enumerate(points):
-        cfg = load_config(config, model=model, overrides=[*overrides, *point, "train.eval_test=false"])
+    for k, (point, cfg) in enumerate(zip(points, cfgs)):
         run = RunDir(out / "runs" / f"{k:03d}-{_slug(point)}")
         line = where.start(f"{base.model.name} {' '.join(point)}")
         action = run.reuse(cfg, dataset, fix="Pass --overwrite to retrain every grid point on the current data, "
@@ -120,6 +133,7 @@ def _markdown(table: pd.DataFrame) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """CLI: ``m3bsr sweep --dataset DIR --model NAME --grid "..." --out DIR [--emit-best FILE]``."""
+    point_configs(args.grid, args.config, args.model, args.sets)  # a bad key answers before --overwrite deletes
     if args.out.exists() and args.overwrite:
         import shutil
 

@@ -50,6 +50,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             if getattr(args, flag) is not None:
                 raise input_error(f"--resume with --{flag}", "a resumed run keeps its dataset, model, config, "
                                   "directory and seed", "Drop the flag (use --set for e.g. train.max_epochs)")
+        from m3bsr.engine.runs import RunDir
+
+        RunDir(args.resume).read_config(_flag_overrides(args))  # a bad --set answers before torch is imported
         from m3bsr.engine.train import resume
 
         resume(args.resume, _flag_overrides(args), quiet=args.quiet)
@@ -74,14 +77,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Re-evaluate a checkpoint (``--checkpoint``, ``--split``, ``--set eval.*``) and print the table; when
     the evaluation is the one metrics.json records (best.pt, the run's eval.ks and eval.exclude) say
     whether it reproduces it (exit 1 if not)."""
-    from m3bsr.engine.evaluate import PROTOCOLS, SPLITS, evaluate_run, evaluation_overrides
-    from m3bsr.engine.metrics import metric_names
-    from m3bsr.engine.runs import RunDir, format_table
+    from m3bsr.engine.runs import RunDir, evaluation_overrides, format_table
 
     overrides = evaluation_overrides(list(args.sets)) + ([f"eval.exclude={args.exclude}"] if args.exclude else [])
     run = RunDir(args.run_dir)
     recorded_cfg, _ = run.read_config()
-    ev = run.read_config(overrides)[0].eval  # unknown keys and wrong types fail here, before any loading
+    ev = run.read_config(overrides)[0].eval  # unknown keys and wrong types fail here, before torch is imported
+    from m3bsr.engine.evaluate import PROTOCOLS, SPLITS, evaluate_run
+    from m3bsr.engine.metrics import metric_names
+
     splits = (args.split,) if args.split else SPLITS
     result = evaluate_run(args.run_dir, overrides=overrides, checkpoint=args.checkpoint, splits=splits)
     rows = {f"{split} {p}": result[split][p] for split in splits for p in PROTOCOLS}
@@ -117,13 +121,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_model_summary(args: argparse.Namespace) -> int:
     """Build the model for a dataset and print ``models.summary.summarize(model, batch)`` on a real training batch."""
+    cfg, _ = run_config(args.config, args.model, list(args.sets))  # before torch: a bad key answers at once
     from m3bsr.data.batches import WindowBuilder
     from m3bsr.data.prepared import PreparedDataset
     from m3bsr.models.registry import build_model
     from m3bsr.models.summary import summarize
     from m3bsr.seeding import seed_everything
 
-    cfg, _ = run_config(args.config, args.model, list(args.sets))
     ds = PreparedDataset.load(args.dataset)
     windows = WindowBuilder(ds, cfg.data.max_len).train_windows()
     if len(windows) == 0:

@@ -23,6 +23,7 @@ from torch import Tensor
 from m3bsr.config import EvalConfig
 from m3bsr.data.batches import WindowArrays, iterate_batches
 from m3bsr.engine.metrics import metrics_from_ranks
+from m3bsr.engine.runs import evaluation_overrides
 from m3bsr.models.base import SequentialRecommender, candidate_bonus
 
 PROTOCOLS = ("sampled", "full")
@@ -239,25 +240,7 @@ def _map_batches(fn, batches, workers: int) -> list:
         torch.set_num_threads(threads)
 
 
-EVALUATE_KEYS = ("train.device", "train.eval_batch_size", "train.amp")
-"""Besides ``eval.*``, the config keys an evaluation may override; every other key is fixed by the weights."""
-
 SPLITS = ("valid", "test")
-
-
-def evaluation_overrides(overrides: list[str]) -> list[str]:
-    """``overrides`` if each is an ``eval.*`` key or one of :data:`EVALUATE_KEYS`; else a one-line
-    :class:`InputError` (a model or training key would describe another run than the checkpoint's)."""
-    from m3bsr.config import parse_override
-    from m3bsr.errors import input_error
-
-    for text in overrides:
-        key = ".".join(parse_override(text)[0])
-        if not (key.startswith("eval.") or key in EVALUATE_KEYS):
-            raise input_error(f"--set {text}", "evaluate changes the evaluation only (the checkpoint fixes the "
-                              "model and its training)", f"Use an eval.* key or {', '.join(EVALUATE_KEYS)}; "
-                              "re-train to change the rest")
-    return list(overrides)
 
 
 def evaluate_run(run_dir: Path, *, device: str | None = None, exclude: str | None = None,

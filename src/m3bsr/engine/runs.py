@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3bsr import atomic, checks
-from m3bsr.config import Config, build_config, read_yaml
+from m3bsr.config import Config, build_config, parse_override, read_yaml
 from m3bsr.errors import InputError, input_error
 
 SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
@@ -86,6 +86,22 @@ def split_run_config(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     raw = dict(raw)
     raw.pop(FINGERPRINT_KEY, None)
     return raw, raw.pop("dataset", None)
+
+
+EVALUATE_KEYS = ("train.device", "train.eval_batch_size", "train.amp")
+"""Besides ``eval.*``, the config keys an evaluation may override; every other key is fixed by the weights."""
+
+
+def evaluation_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` if each is an ``eval.*`` key or one of :data:`EVALUATE_KEYS`; else a one-line
+    :class:`InputError` (a model or training key would describe another run than the checkpoint's)."""
+    for text in overrides:
+        key = ".".join(parse_override(text)[0])
+        if not (key.startswith("eval.") or key in EVALUATE_KEYS):
+            raise input_error(f"--set {text}", "evaluate changes the evaluation only (the checkpoint fixes the "
+                              "model and its training)", f"Use an eval.* key or {', '.join(EVALUATE_KEYS)}; "
+                              "re-train to change the rest")
+    return list(overrides)
 
 
 _ABSENT = object()

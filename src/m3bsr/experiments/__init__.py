@@ -30,7 +30,6 @@ def main(args: argparse.Namespace) -> int:
     from m3bsr.experiments.base import Context
     from m3bsr.experiments.config import split_settings
 
-    module = experiment_module(args.name)
     raw = compare.read_raw_config(Path(args.config) if args.config else None)
     sets = list(args.sets)
     if args.variants:
@@ -44,7 +43,8 @@ def main(args: argparse.Namespace) -> int:
                   models=[m for m in args.models.split(",") if m.strip()] if args.models else None,
                   raw=runs_raw, sets=run_sets, settings=settings, overwrite=args.overwrite, quiet=args.quiet,
                   source=args.config or "config", log=(lambda msg: None) if args.quiet else say, progress=say)
-    module.run(ctx)
+    ctx.check_configs(args.name)  # before the module imports torch and pandas: a bad key answers at once
+    experiment_module(args.name).run(ctx)
     print(f"wrote {args.out / 'results.csv'}, {args.name}.md, {args.name}.png, experiment.json")
     if not args.quiet:
         print((args.out / f"{args.name}.md").read_text())

@@ -17,15 +17,16 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Callable
 
 from m3bsr import atomic, compare
 from m3bsr.config import Config, build_config, parse_override
 from m3bsr.errors import input_error
-from m3bsr.experiments.config import ExperimentSettings
+from m3bsr.experiments.config import STARTS, ExperimentSettings
 from m3bsr.progress import RunProgress
+
+if TYPE_CHECKING:  # annotations only: `m3bsr experiment` checks its configs before pandas loads
+    import pandas as pd
 
 
 # --------------------------------------------------------------------------- entries
@@ -106,6 +107,19 @@ class Context:
 
     def entries(self, default: list[str]) -> list[Entry]:
         return parse_entries(self.models if self.models is not None else default)
+
+    def check_configs(self, name: str) -> None:
+        """Build every seed's run config of the entries experiment ``name`` starts from (``--models``, else
+        the setting :data:`~m3bsr.experiments.config.STARTS` names): a bad ``--set`` or ``--config`` key of the
+        runs is one :class:`InputError` before the experiment's module (torch, pandas) is imported."""
+        own = getattr(getattr(self.settings, name), STARTS[name])
+        if isinstance(own, str):  # one base entry: --models' first replaces it
+            starts = [self.models[0] if self.models else own]
+        else:
+            starts = list(self.models) if self.models is not None else list(own)
+        entries = parse_entries(starts)
+        for seed in self.seeds:
+            entry_configs(entries, seed, self.raw, self.sets, self.source)
 
 
 @dataclass

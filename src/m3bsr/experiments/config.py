@@ -103,6 +103,10 @@ class ExperimentSettings(StrictModel):
 
 SECTIONS = tuple(ExperimentSettings.model_fields)
 
+STARTS = {"ablation": "base", "coldstart": "models", "cost": "models", "noise": "models", "sensitivity": "model",
+          "tsne": "base"}
+"""Experiment → its setting that names the entries it starts from (``--models`` replaces them)."""
+
 
 def split_settings(raw: dict[str, Any], sets: list[str], source: str = "config"
                    ) -> tuple[ExperimentSettings, dict[str, Any], list[str]]:
