@@ -325,7 +325,8 @@ def test_realistic_eval_windows_and_config(tmp_path):
         build_config(model="m3bsr", overrides=["model.infer_steps=20"])
     with pytest.raises(InputError, match="fusion"):
         build_config(model="m3bsr", overrides=["model.fusion=mean"])
-    with pytest.raises(InputError, match="model.max_positions=8"):
+    with pytest.raises(InputError, match=r"^config key model.max_positions: m3bsr input sequence of 8 tokens exceeds "
+                       r"max_positions=4\. Set --set model.max_positions=8 or lower data.max_len$"):
         make_model(PAPER, "model.max_positions=4").represent(make_batch(L=8))
     with pytest.raises(InputError, match="model.max_positions=16"):  # the merged stream holds both
         make_model("model.max_positions=4").represent(make_batch(L=8))

@@ -30,8 +30,8 @@ from m3bsr.models.configs import M3BSRConfig
 from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser, ModalityMLP
 from m3bsr.models.diffusion import NoiseSchedule
 from m3bsr.models.experts import MultiExpertInterestExtractor, causal_mean_pool
-from m3bsr.models.layers import (FastDropout, TransformerEncoder, latest_index_before, merge_by_time, or_null,
-                                 time_mask)
+from m3bsr.models.layers import (FastDropout, TransformerEncoder, check_positions, latest_index_before,
+                                 merge_by_time, or_null, time_mask)
 from m3bsr.models.repeat import RepeatHead
 
 
@@ -242,7 +242,7 @@ class M3BSR(SequentialRecommender):
     def _inputs(self, batch: SequenceBatch) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor]:
         """Eq. 3-5 plus positions: streams padded to one length L → aux/tgt dicts of [B, L, d], times [B, L]."""
         L = max(batch.aux_items.shape[1], batch.tgt_items.shape[1])
-        self._check_length(L)
+        check_positions(L, self.cfg.max_positions, "m3bsr")
         aux_items, tgt_items = _pad_to(batch.aux_items, L, PAD), _pad_to(batch.tgt_items, L, PAD)
         aux_beh = _pad_to(batch.aux_behaviors, L, PAD)
         aux_times, tgt_times = _pad_to(batch.aux_times, L, PAD_TIME), _pad_to(batch.tgt_times, L, PAD_TIME)
@@ -252,12 +252,6 @@ class M3BSR(SequentialRecommender):
         aux = {m: self.drop(x + extra_aux) for m, x in self.input(aux_items).items()}
         tgt = {m: self.drop(x + extra_tgt) for m, x in self.input(tgt_items).items()}
         return aux, tgt, aux_times, tgt_times
-
-    def _check_length(self, L: int) -> None:
-        if L > self.cfg.max_positions:
-            raise input_error("config key model.max_positions",
-                              f"sequence length {L} exceeds max_positions={self.cfg.max_positions}",
-                              f"Set --set model.max_positions={L} or lower data.max_len")
 
     def _merged_stream(self, batch: SequenceBatch) -> tuple[Tensor, Tensor, Tensor]:
         """Both streams interleaved by time: items, behaviors, times [B, La + Lt] (padding last)."""
@@ -278,7 +272,7 @@ class M3BSR(SequentialRecommender):
         before each query (a learned null vector when there is none) → [B, P, d]."""
         items, behaviors, times = self._merged_stream(batch)
         B, L = items.shape
-        self._check_length(L)
+        check_positions(L, self.cfg.max_positions, "m3bsr")
         pos = self.pos_merged(torch.arange(L, device=items.device))  # [L, d]
         x = self.item_vectors(items) * math.sqrt(self.cfg.hidden_size) + pos + self.behavior(behaviors)
         x = self.merged_ln(self.drop(x))  # [B, L, d]
