@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -88,6 +89,11 @@ def process_group(device: torch.device) -> Iterator[DistContext]:
     dist.init_process_group(backend, rank=ctx.rank, world_size=ctx.world_size, timeout=TIMEOUT)
     try:
         yield ctx
+        # The caller has dropped its DDP model (whose reducer holds the group); collect it now, and let
+        # every rank finish its collectives before any tears the group down. Without both, a rank
+        # was once aborted at exit ("terminate called without an active exception") in a test run.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

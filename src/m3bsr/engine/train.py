@@ -130,7 +130,9 @@ def train(cfg: Config, dataset: Path, out: Path | None = None, *, overwrite: boo
                if session.is_main else RunDir(out))
         distributed.barrier()
         attach_run(session, run)
-        return fit_or_explain(session, TrainState())
+        summary = fit_or_explain(session, TrainState())
+        del session  # its DDP model must go before the process group does (distributed.process_group)
+        return summary
 
 
 def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> dict:
@@ -154,7 +156,9 @@ def resume(run_dir: Path, overrides: list[str] = (), *, quiet: bool = False) -> 
         distributed.barrier()
         session.log(f"resumed from last.pt at epoch {state.epoch}" if checkpoint is not None
                     else f"resumed: {why}; starting over from epoch 1", echo=True)
-        return fit_or_explain(session, state)
+        summary = fit_or_explain(session, state)
+        del session  # its DDP model must go before the process group does
+        return summary
 
 
 def last_checkpoint(run: RunDir) -> tuple[dict[str, Any] | None, str]:
