@@ -109,6 +109,15 @@ def test_significance_matches_scipy(fake_run):
     assert sig[0]["wilcoxon_p"] < 0.01  # m3bsr's fake ranks are clearly better
 
 
+def test_p_values_that_underflow_are_not_printed_as_zero():
+    from m3bsr.compare import format_p
+    assert format_p(0.0) == "< 1e-300"  # 30k paired users on tmall: scipy returns exactly 0
+    assert format_p(5e-324) == "4.94e-324"
+    assert format_p(0.08964) == "0.0896"
+    assert format_p(1.0) == "1"
+    assert format_p(float("nan")) == "nan"
+
+
 def test_finished_runs_are_reused_and_config_changes_refused(fake_run):
     run, engine, out = fake_run
     run()

@@ -340,6 +340,12 @@ def significance(out: Path, reference: str, baseline: str, seeds: list[int], pro
             "ttest_p": float(stats.ttest_rel(a, b).pvalue) if len(diff) > 1 else float("nan")}
 
 
+def format_p(p: float) -> str:
+    """A p-value for a table: 3 significant digits; one that underflowed float64 reads ``< 1e-300``
+    (on all of tmall, 30k paired users, both tests return exactly 0, which is not a probability)."""
+    return "< 1e-300" if p == 0 else f"{p:.3g}"
+
+
 def baselines(models: list[str], reference: str) -> list[str]:
     """The entries the reference is compared with: every other model, not its own presets
     (``m3bsr@paper`` is not a baseline of ``m3bsr``)."""
@@ -396,7 +402,7 @@ def markdown(table: pd.DataFrame, sig: list[dict[str, Any]], models: list[str], 
                   "|---|---|---|---|---|---|---|"]
         for r in sig:
             lines.append(f"| {r['protocol']} | {r['reference']} | {r['baseline']} | {r['users']} | "
-                         f"{r['mean_difference']:+.4f} | {r['wilcoxon_p']:.3g} | {r['ttest_p']:.3g} |")
+                         f"{r['mean_difference']:+.4f} | {format_p(r['wilcoxon_p'])} | {format_p(r['ttest_p'])} |")
         lines.append("")
     return "\n".join(lines)
 
