@@ -131,11 +131,11 @@ PAPER = "model.preset=paper"
 # Model configs (override tuples) that the equivalence tests run: the default preset, its switches, the paper's.
 CONFIGS = [
     (),
-    ("model.content_gate=false", "model.repeat=false"),
+    ("model.content_gate=true", "model.repeat=false"),
     ("model.no_specific_experts=false",),
     ("model.no_specific_experts=false", "model.fusion=gate", "model.id_input=mlp16", "model.scorer=linear", "model.repeat=false"),
     ("model.no_specific_experts=false", "model.common_expert=cross", "model.item_content=false", "model.feature_norm=none"),
-    ("model.no_specific_experts=false", "model.content_gate=false"),
+    ("model.no_specific_experts=false", "model.content_gate=true"),
     ("model.no_specific_experts=false", "model.no_shared_expert=true", "model.share_specific_experts=false"),
     (PAPER,),
     (PAPER, "model.denoise_output=reverse_chain", "model.T_m=4", "model.T_b=3"),

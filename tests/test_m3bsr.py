@@ -98,12 +98,17 @@ def test_tables_start_small_so_items_are_told_apart():
             assert mean_abs_cos(model) > 0.8, preset
 
 
-def test_closed_gates_give_exactly_the_backbone():
-    """Default preset with the paper's branches on: the branches (content in the item vectors, the
-    specific experts with CDMD-M/B, the repeat head) start closed, so the full model's scores equal
-    those of the id-only backbone with the same shared weights."""
-    full = make_model("model.no_specific_experts=false").eval()
-    backbone = make_model("model.no_specific_experts=true", "model.repeat=false", "model.item_content=false").eval()
+@pytest.mark.parametrize("content", ["ungated", "gated"])
+def test_closed_gates_give_exactly_the_backbone(content):
+    """Default preset with the paper's branches on: the branches (the specific experts with CDMD-M/B,
+    the repeat head, and with ``content_gate`` the content part of the item vectors) start closed, so
+    the full model's scores equal those of the backbone (with content, or id-only when the content is
+    gated) with the same shared weights."""
+    gate = f"model.content_gate={content == 'gated'}".lower()
+    full = make_model("model.no_specific_experts=false", gate).eval()
+    backbone = make_model("model.no_specific_experts=true", "model.repeat=false",
+                          f"model.item_content={content == 'ungated'}".lower()).eval()
+    assert full.input.item_content and backbone.input.item_content == (content == "ungated")
     shared = {k: v for k, v in full.state_dict().items() if k in backbone.state_dict()}
     assert set(shared) == set(backbone.state_dict())
     backbone.load_state_dict(shared)

@@ -181,7 +181,7 @@ def test_fast_dropout_rate_scale_and_gradient():
 def test_catalogue_projection_gives_the_same_item_vectors():
     """Speed path: with more tokens than items the catalogue is projected once and gathered; the
     vectors (and their gradients) match projecting every token."""
-    model = make_model()
+    model = make_model("model.content_gate=true")  # the gate's gradient runs through the content part
     assert model.input.item_content
     items = torch.randint(0, model.n_items + 1, (8, 12))  # 96 tokens > 31 catalogue rows
     assert items.numel() > model.n_items + 1

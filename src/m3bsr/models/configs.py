@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, object]] = {
                   common_expert="cross", fusion="gate", repeat=False, no_specific_experts=False,
                   no_cdmd_b=False, no_disentangle=False),
     # The best design measured on validation (docs/results.md "ladder"); every entry is its own key.
-    "default": dict(id_input="full", feature_norm="standardize", item_content=True, content_gate=True, scorer="tied",
+    "default": dict(id_input="full", feature_norm="standardize", item_content=True, content_gate=False, scorer="tied",
                     common_expert="merged", fusion="residual", repeat=True, no_specific_experts=True,
                     no_cdmd_b=False, no_disentangle=False),
 }
@@ -52,7 +52,7 @@ class M3BSRConfig(BaseModelConfig):
         "with the projection initialised at the id table's scale")
     item_content: bool = Field(True, description="content projections join the item vector used as input "
                                "(merged backbone) and, with the tied scorer, for scoring")
-    content_gate: bool = Field(True, description="with item_content: the content part of the item vector is "
+    content_gate: bool = Field(False, description="with item_content: the content part of the item vector is "
                                "scaled by a learned [d] gate that starts at zero (the model starts id-only)")
     common_expert: Literal["cross", "merged"] = Field(
         "merged", description="cross = Eq. 16-17 (click queries, favor keys, read at the latest click); "

@@ -8,7 +8,7 @@ the catalogue has (``image``, ``text``; none for id-only data, which turns CDMD-
 
 Two presets (``model.preset``, docs/model.md "presets"): ``paper`` is the printed architecture;
 ``default`` is a strong sequential backbone — a causal Transformer over both behavior streams
-merged by time, with one full-width item table (id + gated content) shared by input and scoring —
+merged by time, with one full-width item table (id + content) shared by input and scoring —
 plus a repeat head. The paper's parts (denoisers, specific experts, disentanglement) join it as
 branches whose gates start at zero with ``no_specific_experts=false``; they are off by default
 because on validation they did not pay for their 1.6-4.5x cost (docs/results.md "ladder").
