@@ -71,6 +71,12 @@ cp "$OUT/table1/tmall/results.md" "$OUT/table1/tmall/results_seed0.md"
 $M3 compare --dataset "$OUT/data/tmall" --models m3bsr,sasrec --seeds 0,1,2 --config $C/table1_tmall.yaml \
     --out "$OUT/table1/tmall" --quiet
 
+# tmall ladder row R0 (docs/results.md section 3, validation): the default without its repeat head
+for s in 0 1 2; do
+  $M3 train --config "$OUT/table1/tmall/runs/m3bsr-s$s/config.yaml" --set model.repeat=false \
+      --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/R0-s$s" --overwrite
+done
+
 # 3b (docs/results.md section 3b, validation): the content gate and dropout at Table 1's setting, from the
 # Table 1 runs' own configs. Table 1's m3bsr rows above are the ungated default of today; the gated rows
 # of the results doc came from this script before 2026-12-01 (the default was gated then).
