@@ -120,6 +120,35 @@ def test_time_causality(data, name, overrides):
     assert changed_before > 0, "the representation ignores the history"
 
 
+@pytest.mark.parametrize("name", ["sasrec", "mmsasrec"])
+def test_aux_targets_read_each_auxiliary_event_from_its_past(data, name):
+    """``aux_targets``: the extra term is λ_a x the cross-entropy of every auxiliary item, scored from
+    the representation at that event's time, which events at or after it do not change."""
+    _, cat, train, _ = data
+    model = make(name, cat, ("model.aux_targets=0.5",)).eval()
+    batch = train.batch(np.arange(min(12, len(train))))
+    aux = replace(batch, query_times=batch.aux_times, labels=batch.aux_items)
+    mask = aux.query_mask
+    assert mask.sum() > 10
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        terms = model.loss(batch)
+        reps = model.represent(aux)
+        logits = model.score(reps[mask])
+        logits[:, 0] = float("-inf")
+        torch.testing.assert_close(terms["aux_targets"], 0.5 * torch.nn.functional.cross_entropy(logits, aux.labels[mask]))
+        torch.testing.assert_close(terms["main"], model.main_loss(model.represent(batch), batch))
+        for p in range(aux.labels.shape[1]):
+            real = mask[:, p]
+            if real.any():
+                q = torch.where(real, aux.query_times[:, p], torch.full_like(aux.query_times[:, p], PAD_TIME))
+                after = model.represent(_perturb_from(aux, q, gen, cat.n_items))
+                torch.testing.assert_close(after[real, p], reps[real, p], atol=1e-5, rtol=1e-5)
+    for bad in ("model.loss=bce", "model.input=target"):
+        with pytest.raises(InputError, match="aux_targets"):
+            make(name, cat, ("model.aux_targets=0.5", bad))
+
+
 def _ndcg10_valid(model, windows) -> float:
     metrics, _ = evaluate(model, windows, EvalConfig(), 64, "cpu")
     return metrics["full"]["NDCG@10"]

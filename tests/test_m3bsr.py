@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from m3bsr.batch import PAD_TIME, SequenceBatch
@@ -177,6 +179,32 @@ def test_every_parameter_receives_a_gradient(overrides, loss_terms):
     sum(terms.values()).backward()
     missing = [n for n, prm in model.named_parameters() if prm.grad is None or prm.grad.abs().sum() == 0]
     assert not missing, missing
+
+
+def test_aux_targets_term_reads_each_auxiliary_event_from_its_past():
+    """``aux_targets``: λ_a x the cross-entropy of every auxiliary item, scored (no history bonus) from a
+    sub-window holding only the events strictly before it; the main term is unchanged."""
+    model = open_gates(make_model("model.aux_targets=0.7")).eval()
+    batch = make_batch(B=6, seed=3)
+    with torch.no_grad():
+        terms = model.loss(batch)
+        aux = replace(batch, query_times=batch.aux_times, labels=batch.aux_items)
+        mask = aux.query_mask
+        assert mask.sum() > 10
+        logits = model.score(model.represent_reference(aux)[mask])
+        logits[:, 0] = float("-inf")
+        expected = 0.7 * F.cross_entropy(logits, aux.labels[mask])
+        torch.testing.assert_close(terms["aux_targets"], expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(terms["main"], model.main_loss(model.represent(batch), batch))
+        no_aux = replace(batch, aux_items=torch.zeros_like(batch.aux_items),
+                         aux_behaviors=torch.zeros_like(batch.aux_behaviors),
+                         aux_times=torch.full_like(batch.aux_times, PAD_TIME))
+        assert model.loss(no_aux)["aux_targets"].item() == 0.0  # a single-behavior batch: no term, no NaN
+    model.train()
+    sum(model.loss(batch).values()).backward()
+    assert model.input.id_emb.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="aux_targets"):
+        M3BSRConfig(aux_targets=0.5, no_specific_experts=False)
 
 
 ABLATIONS = {

@@ -32,14 +32,14 @@ Models return raw scores; the engine masks padding and history and computes metr
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from m3bsr.batch import Catalogue, SequenceBatch
+from m3bsr.batch import PAD, Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
 from m3bsr.models.sampled import NegativeSampler, sampled_cross_entropy
 
@@ -165,9 +165,28 @@ class SequentialRecommender(nn.Module):
         logits[:, 0] = float("-inf")  # padding is never a valid answer
         return F.cross_entropy(logits.float(), labels)
 
+    def main_and_aux_target_loss(self, reps: Tensor, batch: SequenceBatch, weight: float) -> dict[str, Tensor]:
+        """Eq. 24 plus ``weight`` x the cross-entropy of every auxiliary event's item (no history
+        bonus: the repeat head models the target behavior). ``reps`` [B, P + La, d] is the
+        representation of :func:`with_aux_queries` ``(batch)``: the target queries, then one query per
+        auxiliary slot at that event's time (read from the events strictly before it)."""
+        P = batch.labels.shape[1]
+        aux = batch.aux_items != PAD  # [B, La]
+        # Always the same term names (DDP sums them by name); a window may have no auxiliary event.
+        return {"main": self.main_loss(reps[:, :P], batch),
+                "aux_targets": (weight * self.item_loss(reps[:, P:][aux], batch.aux_items[aux])
+                                if aux.any() else reps.new_zeros(()))}
+
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Named loss terms; the default is the main cross-entropy only."""
         return {"main": self.main_loss(self.represent(batch), batch)}
+
+
+def with_aux_queries(batch: SequenceBatch) -> SequenceBatch:
+    """``batch`` with one more query per auxiliary slot ([B, P] → [B, P + La]): at the event's time,
+    labelled with its item (padding slots get padding labels, so no query)."""
+    return replace(batch, query_times=torch.cat([batch.query_times, batch.aux_times], 1),
+                   labels=torch.cat([batch.labels, batch.aux_items], 1))
 
 
 def add_bonus(scores: Tensor, bonus: tuple[Tensor, Tensor] | None) -> Tensor:

@@ -58,6 +58,8 @@ class M3BSRConfig(BaseModelConfig):
         "merged", description="cross = Eq. 16-17 (click queries, favor keys, read at the latest click); "
         "merged = causal Transformer over both streams by time, read at the latest event (the backbone)")
     repeat: bool = Field(True, description="repeat head: a learned logit bonus for the user's own history items")
+    aux_targets: float = Field(0.0, ge=0, description="weight of an extra cross-entropy at every auxiliary "
+                               "event: its item from the events strictly before it (0 = off, the paper's loss)")
     no_specific_experts: bool = Field(True, description="drop the specific experts (and the denoisers that feed "
                                       "them): the merged backbone alone")
     id_dim: int = Field(16, ge=1, description="item id embedding width before the MLP (paper: 16)")
@@ -105,6 +107,9 @@ class M3BSRConfig(BaseModelConfig):
         if self.no_specific_experts and (self.common_expert != "merged" or self.no_shared_expert):
             raise ValueError("no_specific_experts needs common_expert=merged and the shared expert (the backbone "
                              "is then the whole model)")
+        if self.aux_targets > 0 and not self.no_specific_experts:
+            raise ValueError("aux_targets reads the merged backbone at auxiliary events; it needs "
+                             "no_specific_experts=true (the default preset)")
         if self.no_meie and self.common_expert == "merged":
             raise ValueError("no_meie is the paper's ablation (common_expert=cross); with common_expert=merged "
                              "set no_specific_experts=true")
@@ -148,6 +153,15 @@ class SASRecConfig(BaseModelConfig):
     input: InputMode = Field("merged", description="merged = aux + target events by time; target = target only")
     loss: Literal["ce", "bce"] = Field("ce", description="ce = full softmax; bce = paper's one sampled negative")
     max_positions: int = Field(512, ge=1, description="learned positions; >= merged window length (2 x data.max_len)")
+    aux_targets: float = Field(0.0, ge=0, description="weight of an extra cross-entropy at every auxiliary "
+                               "event: its item from the events strictly before it (0 = off, SASRec's loss)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SASRecConfig":
+        if self.aux_targets > 0 and (self.loss != "ce" or self.input != "merged"):
+            raise ValueError("aux_targets predicts auxiliary events from the merged stream with the full "
+                             "softmax; it needs input=merged and loss=ce")
+        return self
 
 
 class BERT4RecConfig(BaseModelConfig):

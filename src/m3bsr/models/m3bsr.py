@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from m3bsr.batch import PAD, PAD_TIME, Catalogue, SequenceBatch
 from m3bsr.errors import input_error
-from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender
+from m3bsr.models.base import SINGLE_BEHAVIOR_MODE, DataMode, SequentialRecommender, with_aux_queries
 from m3bsr.models.configs import M3BSRConfig
 from m3bsr.models.denoiser import BehaviorDenoiser, ModalityDenoiser, ModalityMLP
 from m3bsr.models.diffusion import NoiseSchedule
@@ -345,6 +345,10 @@ class M3BSR(SequentialRecommender):
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Eq. 25, each term already weighted: ``main`` (Eq. 24), ``contrast`` (λ_c, Eq. 20),
         ``diff_m`` (λ_m, Eq. 10), ``diff_b`` (λ_b, Eq. 13); absent modules give absent terms."""
+        if self.cfg.aux_targets > 0:  # backbone only (config check): one pass for both query sets
+            batch = trim_padding(batch)
+            return self.main_and_aux_target_loss(self._backbone(with_aux_queries(batch)), batch,
+                                                 self.cfg.aux_targets)
         out = self._forward(batch, need_loss=True)
         terms = {"main": self.main_loss(out.reps, batch), **out.terms}  # Eq. 24, Eq. 10 and 13
         if self.use_contrast:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3bsr.batch import Catalogue, SequenceBatch
-from m3bsr.models.base import SequentialRecommender
+from m3bsr.models.base import SequentialRecommender, with_aux_queries
 from m3bsr.models.configs import SASRecConfig
 from m3bsr.models.layers import (TransformerEncoder, check_positions, latest_index_before, or_null,
                                  sequence_input, time_mask)
@@ -85,6 +85,9 @@ class SASRec(SequentialRecommender):
         return None
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
+        if self.cfg.aux_targets > 0:  # ce over the merged stream (config check)
+            return self.main_and_aux_target_loss(self.represent(with_aux_queries(batch)), batch,
+                                                 self.cfg.aux_targets)
         reps = self.represent(batch)
         if self.cfg.loss == "ce":
             return {"main": self.main_loss(reps, batch)}
