@@ -181,12 +181,15 @@ def test_every_parameter_receives_a_gradient(overrides, loss_terms):
     assert not missing, missing
 
 
-def test_aux_targets_term_reads_each_auxiliary_event_from_its_past():
+@pytest.mark.parametrize("overrides", [(), ("model.no_specific_experts=false",), (PAPER,)],
+                         ids=["default", "default+branches", "paper"])
+def test_aux_targets_term_reads_each_auxiliary_event_from_its_past(overrides):
     """``aux_targets``: λ_a x the cross-entropy of every auxiliary item, scored (no history bonus) from a
-    sub-window holding only the events strictly before it; the main term is unchanged."""
-    model = open_gates(make_model("model.aux_targets=0.7")).eval()
+    sub-window holding only the events strictly before it; the other terms are unchanged."""
+    model = open_gates(make_model(*overrides, "model.aux_targets=0.7")).eval()
     batch = make_batch(B=6, seed=3)
     with torch.no_grad():
+        torch.manual_seed(0)  # the diffusion terms draw noise
         terms = model.loss(batch)
         aux = replace(batch, query_times=batch.aux_times, labels=batch.aux_items)
         mask = aux.query_mask
@@ -195,7 +198,13 @@ def test_aux_targets_term_reads_each_auxiliary_event_from_its_past():
         logits[:, 0] = float("-inf")
         expected = 0.7 * F.cross_entropy(logits, aux.labels[mask])
         torch.testing.assert_close(terms["aux_targets"], expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(terms["main"], model.main_loss(model.represent(batch), batch))
+        model.cfg.aux_targets = 0.0
+        torch.manual_seed(0)
+        without = model.loss(batch)
+        model.cfg.aux_targets = 0.7
+        assert set(terms) == set(without) | {"aux_targets"}
+        for name, value in without.items():  # eval mode: no dropout; the same diffusion noise
+            torch.testing.assert_close(terms[name], value, atol=1e-5, rtol=1e-5)
         no_aux = replace(batch, aux_items=torch.zeros_like(batch.aux_items),
                          aux_behaviors=torch.zeros_like(batch.aux_behaviors),
                          aux_times=torch.full_like(batch.aux_times, PAD_TIME))
@@ -203,8 +212,6 @@ def test_aux_targets_term_reads_each_auxiliary_event_from_its_past():
     model.train()
     sum(model.loss(batch).values()).backward()
     assert model.input.id_emb.weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="aux_targets"):
-        M3BSRConfig(aux_targets=0.5, no_specific_experts=False)
 
 
 ABLATIONS = {

@@ -107,9 +107,6 @@ class M3BSRConfig(BaseModelConfig):
         if self.no_specific_experts and (self.common_expert != "merged" or self.no_shared_expert):
             raise ValueError("no_specific_experts needs common_expert=merged and the shared expert (the backbone "
                              "is then the whole model)")
-        if self.aux_targets > 0 and not self.no_specific_experts:
-            raise ValueError("aux_targets reads the merged backbone at auxiliary events; it needs "
-                             "no_specific_experts=true (the default preset)")
         if self.no_meie and self.common_expert == "merged":
             raise ValueError("no_meie is the paper's ablation (common_expert=cross); with common_expert=merged "
                              "set no_specific_experts=true")

@@ -344,18 +344,19 @@ class M3BSR(SequentialRecommender):
 
     def loss(self, batch: SequenceBatch) -> dict[str, Tensor]:
         """Eq. 25, each term already weighted: ``main`` (Eq. 24), ``contrast`` (λ_c, Eq. 20),
-        ``diff_m`` (λ_m, Eq. 10), ``diff_b`` (λ_b, Eq. 13); absent modules give absent terms."""
-        if self.cfg.aux_targets > 0:  # backbone only (config check): one pass for both query sets
-            batch = trim_padding(batch)
-            return self.main_and_aux_target_loss(self._backbone(with_aux_queries(batch)), batch,
-                                                 self.cfg.aux_targets)
-        out = self._forward(batch, need_loss=True)
-        terms = {"main": self.main_loss(out.reps, batch), **out.terms}  # Eq. 24, Eq. 10 and 13
-        if self.use_contrast:
+        ``diff_m`` (λ_m, Eq. 10), ``diff_b`` (λ_b, Eq. 13) and ``aux_targets`` (λ_a, not in the paper);
+        absent modules give absent terms. With ``aux_targets`` one pass serves both query sets."""
+        batch = trim_padding(batch)
+        P, w = batch.labels.shape[1], self.cfg.aux_targets
+        out = self._forward(with_aux_queries(batch) if w > 0 else batch, need_loss=True)
+        terms = (self.main_and_aux_target_loss(out.reps, batch, w) if w > 0
+                 else {"main": self.main_loss(out.reps, batch)})  # Eq. 24
+        terms.update(out.terms)  # Eq. 10 and 13
+        if self.use_contrast:  # over the target queries only
             mask = batch.query_mask
             window = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
-            e2 = out.second[mask] if out.second is not None else None
-            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(out.experts[mask], e2, window)  # Eq. 20
+            e2 = out.second[:, :P][mask] if out.second is not None else None
+            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(out.experts[:, :P][mask], e2, window)  # Eq. 20
         return terms
 
     # ------------------------------------------------------------------------------ reference path
