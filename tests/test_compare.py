@@ -323,3 +323,21 @@ def test_progress_lines_and_eta(fake_run):
                           "[4/6] sasrec seed 1 · ETA 1m30s (30s per run)"]
     assert lines[-1] == "6 runs done in 30s (1 trained, 5 reused)"
     assert len(engine.calls) == 7
+
+
+def test_a_run_saved_before_a_model_key_existed_reads_as_it_was(tmp_path):
+    """ADDED_KEYS: an m3bsr run whose config.yaml predates ``aux_targets`` was trained without that term;
+    it must read back with 0 (so compare refuses it as today's default), not with the preset's 0.5."""
+    from m3bsr.config import build_config
+    from m3bsr.engine.commands import run_config
+    from m3bsr.engine.runs import RunDir
+    raw = {"dataset": str(tmp_path / "data"), **build_config({}, model="m3bsr").to_dict()}
+    assert raw["model"]["aux_targets"] == 0.5  # today's default
+    del raw["model"]["aux_targets"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    stored, _ = RunDir(tmp_path).read_config()
+    assert stored.model.aux_targets == 0.0
+    assert run_config(tmp_path / "config.yaml", None, [])[0].model.aux_targets == 0.0  # --config RUN/config.yaml
+    assert run_config(tmp_path / "config.yaml", None, ["model.aux_targets=0.5"])[0].model.aux_targets == 0.5
+    (tmp_path / "user.yaml").write_text(yaml.safe_dump({"model": {"name": "m3bsr"}}))  # a user config: preset
+    assert run_config(tmp_path / "user.yaml", None, [])[0].model.aux_targets == 0.5

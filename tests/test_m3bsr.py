@@ -169,8 +169,9 @@ def test_future_and_padding_do_not_change_a_targets_logits(preset):
 
 
 @pytest.mark.parametrize("overrides,loss_terms", [
-    (("model.preset=default",), {"main"}),
-    (("model.preset=default", "model.no_specific_experts=false"), {"main", "contrast", "diff_m", "diff_b"}),
+    (("model.preset=default",), {"main", "aux_targets"}),
+    (("model.preset=default", "model.no_specific_experts=false"),
+     {"main", "contrast", "diff_m", "diff_b", "aux_targets"}),
     ((PAPER,), {"main", "contrast", "diff_m", "diff_b"})], ids=["default", "default+branches", "paper"])
 def test_every_parameter_receives_a_gradient(overrides, loss_terms):
     model = open_gates(make_model(*overrides)).train()
@@ -297,8 +298,9 @@ def _overfit_ratio(tmp_path, d: int, dropout: float, steps: int, term: str | Non
 
 
 def test_overfits_32_users_fast(tmp_path):
-    """The training loss (all four terms) falls by >= 90 % (about 10 s of CPU)."""
-    assert _overfit_ratio(tmp_path, d=16, dropout=0.0, steps=120) <= 0.1
+    """The default's next-target loss falls by >= 90 % (about 10 s of CPU); its aux_targets term, the
+    tiny dataset's random clicks, is trained too but falls less (about 77 % here)."""
+    assert _overfit_ratio(tmp_path, d=16, dropout=0.0, steps=120, term="main") <= 0.1
 
 
 @pytest.mark.slow

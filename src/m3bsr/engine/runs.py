@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from m3bsr import atomic, checks
 from m3bsr.config import Config, build_config, parse_override, read_yaml
 from m3bsr.errors import InputError, input_error
+from m3bsr.models.configs import with_added_keys
 
 SUMMARY_KEYS = ("valid", "test", "best_epoch", "epochs", "seconds_per_epoch", "seed")
 
@@ -82,8 +83,9 @@ def short_fingerprint(fingerprint: str | None) -> str:
 
 def split_run_config(raw: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """A run's config.yaml dict → (the config dict, the dataset path or None); the recorded
-    ``dataset_fingerprint`` is dropped (:meth:`RunDir.check_dataset` reads it)."""
-    raw = dict(raw)
+    ``dataset_fingerprint`` is dropped (:meth:`RunDir.check_dataset` reads it), and model keys added
+    since the run was saved get the value that reproduces it (:data:`~m3bsr.models.configs.ADDED_KEYS`)."""
+    raw = with_added_keys(dict(raw))
     raw.pop(FINGERPRINT_KEY, None)
     return raw, raw.pop("dataset", None)
 

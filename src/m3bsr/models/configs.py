@@ -25,13 +25,27 @@ PRESETS: dict[str, dict[str, object]] = {
     # The printed architecture (docs/model.md "presets"), with only the initialisation defect fixed.
     "paper": dict(id_input="mlp16", feature_norm="none", item_content=False, content_gate=False, scorer="linear",
                   common_expert="cross", fusion="gate", repeat=False, no_specific_experts=False,
-                  no_cdmd_b=False, no_disentangle=False),
+                  no_cdmd_b=False, no_disentangle=False, aux_targets=0.0),
     # The best design measured on validation (docs/results.md "ladder"); every entry is its own key.
     "default": dict(id_input="full", feature_norm="standardize", item_content=True, content_gate=False, scorer="tied",
                     common_expert="merged", fusion="residual", repeat=True, no_specific_experts=True,
-                    no_cdmd_b=False, no_disentangle=False),
+                    no_cdmd_b=False, no_disentangle=False, aux_targets=0.5),
 }
 """Preset name → the values it gives the keys a run does not set itself."""
+
+ADDED_KEYS: dict[str, dict[str, object]] = {
+    "m3bsr": {"aux_targets": 0.0},  # added 2026-12-01 with the default preset's 0.5
+}
+"""Model name → keys added after runs were saved, each with the value that gives the behavior of a run
+whose config.yaml predates it; a preset's newer value must not change what an old run was."""
+
+
+def with_added_keys(raw: dict[str, object]) -> dict[str, object]:
+    """A stored run config dict with every :data:`ADDED_KEYS` entry its ``model`` section lacks."""
+    model = raw.get("model")
+    if not isinstance(model, dict) or str(model.get("name", "")).lower() not in ADDED_KEYS:
+        return raw
+    return {**raw, "model": {**ADDED_KEYS[str(model["name"]).lower()], **model}}
 
 
 class M3BSRConfig(BaseModelConfig):
@@ -58,7 +72,7 @@ class M3BSRConfig(BaseModelConfig):
         "merged", description="cross = Eq. 16-17 (click queries, favor keys, read at the latest click); "
         "merged = causal Transformer over both streams by time, read at the latest event (the backbone)")
     repeat: bool = Field(True, description="repeat head: a learned logit bonus for the user's own history items")
-    aux_targets: float = Field(0.0, ge=0, description="weight of an extra cross-entropy at every auxiliary "
+    aux_targets: float = Field(0.5, ge=0, description="weight of an extra cross-entropy at every auxiliary "
                                "event: its item from the events strictly before it (0 = off, the paper's loss)")
     no_specific_experts: bool = Field(True, description="drop the specific experts (and the denoisers that feed "
                                       "them): the merged backbone alone")
