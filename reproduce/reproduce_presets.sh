@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md sections 2-5 and 7 (the presets): the ladder on validation, Table 1 on test, and
 # the same checkpoints under the whole-history mask. Every run is seeded; the same machine gives the
-# same metrics. Measured with two to four jobs sharing 2 cores, one thread each (about 5 CPU-hours).
+# same metrics. Measured with two to four jobs sharing 2 cores, one thread each (about 12 CPU-hours).
 #
 #   M3BSR_DATA=DIR bash reproduce/reproduce_presets.sh OUT      (OUT: any folder outside the checkout)
 #
@@ -21,6 +21,7 @@ $M3 prepare "$DATA/tmall" --preset tmall --out "$OUT/data/tmall"
 # ---------------------------------------------------------------- 1. the ladder (validation only)
 BUDGET="--set train.eval_test=false --set train.batch_size=64 --set train.max_epochs=40 --set train.patience=3
         --set data.max_len=50 --device cpu --quiet"
+# Rows R0-R6 and P ran before aux_targets existed (section 3c added it to the default): they keep it off.
 declare -A ROW=(
   [R0]="model.no_specific_experts=true model.repeat=false model.item_content=false"
   [R1]="model.no_specific_experts=true model.repeat=false model.content_gate=false"
@@ -36,6 +37,7 @@ declare -A ROW=(
 )
 ladder() {  # ladder DATASET NAME MODEL "KEYS" d lr
   local sets="--set model.hidden_size=$5 --set train.lr=$6"
+  [ "$3" = m3bsr ] && sets="$sets --set model.aux_targets=0"
   for k in $4; do sets="$sets --set $k"; done
   for s in 0 1 2; do
     [ -f "$OUT/ladder/$1/$2-d$5-lr$6-s$s/metrics.json" ] ||
@@ -63,35 +65,62 @@ $M3 compare --dataset "$OUT/data/ml100k_mm" --models $ALL --seeds 0,1,2 --config
 $M3 compare --dataset "$OUT/data/synthetic" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/synthetic" --quiet
 $M3 compare --dataset "$OUT/data/retail_rocket" --models m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr \
     --seeds 0,1,2 --config $C/table1_retail.yaml --out "$OUT/table1/retail_rocket" --quiet
-# tmall: four models on seed 0 (about an hour per model and seed here), kept aside as results_seed0.md,
-# then seeds 1 and 2 of the default and SASRec in the same folder: the 3-seed table and paired test.
-$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,m3bsr@paper,pop,sasrec --seeds 0 --config $C/table1_tmall.yaml \
-    --out "$OUT/table1/tmall" --quiet
+# tmall: six models on seed 0 (15 min to 2 hours per model and seed here), kept aside as results_seed0.md,
+# then seeds 1 and 2 of the default, SASRec and GRU4Rec in the same folder: the 3-seed table and paired test.
+$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,m3bsr@paper,pop,gru4rec,sasrec,mbstr --seeds 0 \
+    --config $C/table1_tmall.yaml --out "$OUT/table1/tmall" --quiet
 cp "$OUT/table1/tmall/results.md" "$OUT/table1/tmall/results_seed0.md"
-$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,sasrec --seeds 0,1,2 --config $C/table1_tmall.yaml \
+$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,gru4rec,sasrec --seeds 0,1,2 --config $C/table1_tmall.yaml \
     --out "$OUT/table1/tmall" --quiet
+# the default without aux_targets (Table 1's "no aux_targets" row, the default before 2026-12-01)
+$M3 compare --dataset "$OUT/data/tmall" --models m3bsr --seeds 0,1,2 --config $C/table1_tmall.yaml \
+    --set model.aux_targets=0 --out "$OUT/table1_noaux/tmall" --quiet
 
 # tmall ladder row R0 (docs/results.md section 3, validation): the default without its repeat head
 for s in 0 1 2; do
-  $M3 train --config "$OUT/table1/tmall/runs/m3bsr-s$s/config.yaml" --set model.repeat=false \
-      --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/R0-s$s" --overwrite
+  $M3 train --config "$OUT/table1_noaux/tmall/runs/m3bsr-s$s/config.yaml" --set model.repeat=false \
+      --set model.aux_targets=0 --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/R0-s$s" --overwrite
 done
 
 # 3b (docs/results.md section 3b, validation): the content gate and dropout at Table 1's setting, from the
-# Table 1 runs' own configs. Table 1's m3bsr rows above are the ungated default of today; the gated rows
-# of the results doc came from this script before 2026-12-01 (the default was gated then).
+# Table 1 runs' own configs, without aux_targets (they came before it). The gated rows of the results doc
+# came from this script before 2026-12-01 (the default was gated then).
 for s in 0 1 2; do
   for ds in ml100k_mm synthetic; do
     CFG="$OUT/table1/$ds/runs/m3bsr-s$s/config.yaml"
-    $M3 train --config "$CFG" --set model.content_gate=true --set train.eval_test=false --quiet \
-        --out "$OUT/table1b/$ds/gated-s$s" --overwrite
+    $M3 train --config "$CFG" --set model.content_gate=true --set model.aux_targets=0 --set train.eval_test=false \
+        --quiet --out "$OUT/table1b/$ds/gated-s$s" --overwrite
   done
   for p in 0.1 0.3; do
-    $M3 train --config "$OUT/table1/ml100k_mm/runs/m3bsr-s$s/config.yaml" --set model.dropout=$p \
+    $M3 train --config "$OUT/table1/ml100k_mm/runs/m3bsr-s$s/config.yaml" --set model.dropout=$p --set model.aux_targets=0 \
         --set train.eval_test=false --quiet --out "$OUT/table1b/ml100k_mm/dropout$p-s$s" --overwrite
     $M3 train --config "$OUT/table1/ml100k_mm/runs/sasrec-s$s/config.yaml" --set model.dropout=$p \
         --set train.eval_test=false --quiet --out "$OUT/table1b/ml100k_mm/sasrec-dropout$p-s$s" --overwrite
   done
+done
+
+# 3c (docs/results.md section 3c, validation): auxiliary events as training targets. The default's rows with
+# aux_targets 0.5 are Table 1's own runs; here the same configs with 0 (the default before 2026-12-01),
+# 0.25 and 1.0 (ml100k_mm only), and SASRec with 0.5.
+for s in 0 1 2; do
+  for ds in ml100k_mm synthetic retail_rocket; do
+    for a in 0 0.25; do
+      $M3 train --config "$OUT/table1/$ds/runs/m3bsr-s$s/config.yaml" --set model.aux_targets=$a \
+          --set train.eval_test=false --quiet --out "$OUT/table1c/$ds/aux$a-s$s" --overwrite
+    done
+    $M3 train --config "$OUT/table1/$ds/runs/sasrec-s$s/config.yaml" --set model.aux_targets=0.5 \
+        --set train.eval_test=false --quiet --out "$OUT/table1c/$ds/sasrec-aux0.5-s$s" --overwrite
+  done
+  $M3 train --config "$OUT/table1/ml100k_mm/runs/m3bsr-s$s/config.yaml" --set model.aux_targets=1.0 \
+      --set train.eval_test=false --quiet --out "$OUT/table1c/ml100k_mm/aux1.0-s$s" --overwrite
+done
+# Table 1's rows of the default without aux_targets and of SASRec with it (test; docs/results.md section 2)
+for ds in ml100k_mm synthetic retail_rocket; do
+  cfg=$C/table1.yaml; [ $ds = retail_rocket ] && cfg=$C/table1_retail.yaml
+  $M3 compare --dataset "$OUT/data/$ds" --models m3bsr --seeds 0,1,2 --config $cfg --set model.aux_targets=0 \
+      --out "$OUT/table1_noaux/$ds" --quiet
+  $M3 compare --dataset "$OUT/data/$ds" --models sasrec --seeds 0,1,2 --config $cfg --set model.aux_targets=0.5 \
+      --out "$OUT/table1_sasaux/$ds" --quiet
 done
 
 # single-behavior benchmark (docs/results.md section 7): ml100k favors only, clicks dropped
@@ -101,7 +130,7 @@ $M3 compare --dataset "$OUT/data/ml100k_favor" --models m3bsr,pop,gru4rec,sasrec
     --config $C/table1.yaml --out "$OUT/table1/ml100k_favor" --quiet
 
 # ---------------------------------------------------------------- 3. the same checkpoints, whole history masked
-for run in "$OUT"/table1/*/runs/*; do
+for run in "$OUT"/table1/*/runs/* "$OUT"/table1_noaux/*/runs/*; do
   $M3 evaluate "$run" --exclude all --json "$run/exclude_all.json" --quiet > /dev/null
 done
 
