@@ -136,7 +136,8 @@ def test_aux_targets_read_each_auxiliary_event_from_its_past(data, name):
         reps = model.represent(aux)
         logits = model.score(reps[mask])
         logits[:, 0] = float("-inf")
-        torch.testing.assert_close(terms["aux_targets"], 0.5 * torch.nn.functional.cross_entropy(logits, aux.labels[mask]))
+        expected = 0.5 * torch.nn.functional.cross_entropy(logits, aux.labels[mask])
+        torch.testing.assert_close(terms["aux_targets"], expected)
         torch.testing.assert_close(terms["main"], model.main_loss(model.represent(batch), batch))
         for p in range(aux.labels.shape[1]):
             real = mask[:, p]

@@ -355,8 +355,9 @@ class M3BSR(SequentialRecommender):
         if self.use_contrast:  # over the target queries only
             mask = batch.query_mask
             window = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+            e1 = out.experts[:, :P][mask]
             e2 = out.second[:, :P][mask] if out.second is not None else None
-            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(out.experts[:, :P][mask], e2, window)  # Eq. 20
+            terms["contrast"] = self.cfg.lambda_c * self.meie.contrast_loss(e1, e2, window)  # Eq. 20
         return terms
 
     # ------------------------------------------------------------------------------ reference path
