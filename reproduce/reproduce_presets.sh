@@ -65,13 +65,9 @@ $M3 compare --dataset "$OUT/data/ml100k_mm" --models $ALL --seeds 0,1,2 --config
 $M3 compare --dataset "$OUT/data/synthetic" --models $ALL --seeds 0,1,2 --config $C/table1.yaml --out "$OUT/table1/synthetic" --quiet
 $M3 compare --dataset "$OUT/data/retail_rocket" --models m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr \
     --seeds 0,1,2 --config $C/table1_retail.yaml --out "$OUT/table1/retail_rocket" --quiet
-# tmall: seven models on seed 0 (15 min to 2 hours per model and seed here), kept aside as results_seed0.md,
-# then seeds 1 and 2 of the default, SASRec, GRU4Rec and BERT4Rec in the same folder: the 3-seed table and paired test.
-$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr --seeds 0 \
+# tmall: seven models x 3 seeds (15 to 60 min per model and seed here; run one seed per job to use both cores).
+$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,m3bsr@paper,pop,gru4rec,sasrec,bert4rec,mbstr --seeds 0,1,2 \
     --config $C/table1_tmall.yaml --out "$OUT/table1/tmall" --quiet
-cp "$OUT/table1/tmall/results.md" "$OUT/table1/tmall/results_seed0.md"
-$M3 compare --dataset "$OUT/data/tmall" --models m3bsr,gru4rec,sasrec,bert4rec --seeds 0,1,2 --config $C/table1_tmall.yaml \
-    --out "$OUT/table1/tmall" --quiet
 # the default without aux_targets (Table 1's "no aux_targets" row, the default before 2026-12-01)
 $M3 compare --dataset "$OUT/data/tmall" --models m3bsr --seeds 0,1,2 --config $C/table1_tmall.yaml \
     --set model.aux_targets=0 --out "$OUT/table1_noaux/tmall" --quiet
