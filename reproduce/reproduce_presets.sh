@@ -35,10 +35,13 @@ declare -A ROW=(
   [R6]="model.no_specific_experts=false"
   [P]="model.preset=paper"
 )
+as_sets() {  # as_sets KEY=VALUE...: one --set flag per key
+  for k in "$@"; do printf -- '--set %s ' "$k"; done
+}
 ladder() {  # ladder DATASET NAME MODEL "KEYS" d lr
   local sets="--set model.hidden_size=$5 --set train.lr=$6"
   [ "$3" = m3bsr ] && sets="$sets --set model.aux_targets=0"
-  for k in $4; do sets="$sets --set $k"; done
+  sets="$sets $(as_sets $4)"
   for s in 0 1 2; do
     [ -f "$OUT/ladder/$1/$2-d$5-lr$6-s$s/metrics.json" ] ||
       $M3 train --dataset "$OUT/data/$1" --model "$3" --seed $s $BUDGET $sets --out "$OUT/ladder/$1/$2-d$5-lr$6-s$s" --overwrite
@@ -81,8 +84,7 @@ done
 # on tmall): the same configs with the specific experts, then every branch, switched on
 for s in 0 1 2; do
   for r in R3 R6; do
-    sets=""; for k in ${ROW[$r]}; do sets="$sets --set $k"; done
-    $M3 train --config "$OUT/table1_noaux/tmall/runs/m3bsr-s$s/config.yaml" $sets --set model.aux_targets=0 \
+    $M3 train --config "$OUT/table1_noaux/tmall/runs/m3bsr-s$s/config.yaml" $(as_sets ${ROW[$r]}) --set model.aux_targets=0 \
         --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/$r-s$s" --overwrite
   done
 done
