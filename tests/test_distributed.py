@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from m3bsr.config import build_config
-from m3bsr.data.batches import WindowBuilder, iterate_batches
+from m3bsr.data.batches import WindowBuilder, bucketed_order, iterate_batches
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine.checkpoint import load_run_model
 from m3bsr.engine.distributed import context_from_env, shard_batches, subset
@@ -79,15 +79,19 @@ def assert_same_function(run_a: Path, run_b: Path) -> None:
 # --------------------------------------------------------------------------- sampler (no processes)
 
 
+@pytest.mark.parametrize("pool", [0, 2], ids=["shuffled", "bucketed"])
 @pytest.mark.parametrize("n,batch_size,world", [(45, 8, 2), (10, 4, 3), (5, 2, 4)])
-def test_shards_partition_every_global_batch(tiny_prepared, n, batch_size, world):
-    """Step k of all ranks together = the single-process batch k; same step count on every rank."""
+def test_shards_partition_every_global_batch(tiny_prepared, n, batch_size, world, pool):
+    """Step k of all ranks together = the single-process batch k; same step count on every rank
+    (also with ``train.bucket_by_length`` = ``pool``)."""
     windows = WindowBuilder(PreparedDataset.load(tiny_prepared), 10).train_windows()
     windows = subset(windows, np.arange(n))
-    single = [b.users.tolist() for b in iterate_batches(windows, batch_size, shuffle=True,
-                                                        generator=torch.Generator().manual_seed(3))]
+    gen = torch.Generator().manual_seed(3)
+    order = bucketed_order(windows, batch_size, pool, gen) if pool else None
+    single = [b.users.tolist() for b in iterate_batches(windows, batch_size, shuffle=True, order=order,
+                                                        trim=bool(pool), generator=gen)]
     per_rank = [list(shard_batches(windows, batch_size, generator=torch.Generator().manual_seed(3), rank=r,
-                                   world_size=world)) for r in range(world)]
+                                   world_size=world, pool=pool)) for r in range(world)]
     assert all(len(steps) == len(single) == -(-n // batch_size) for steps in per_rank)
     pads = 0
     for k, users in enumerate(single):

@@ -189,6 +189,28 @@ class WindowBuilder:
                             exclude_items=_pad_rows(excluded))
 
 
+def bucketed_order(windows: WindowArrays, batch_size: int, pool: int, generator: torch.Generator) -> np.ndarray:
+    """[n] a training order whose consecutive ``batch_size`` slices are batches of similar-length windows.
+
+    The windows are shuffled (one ``randperm`` from ``generator``), cut into pools of ``pool`` batches,
+    each pool is sorted by length (:meth:`WindowArrays.length_order`'s key) and cut into batches, and the
+    full batches are shuffled (a second ``randperm``); the one short batch, if any, stays last, as in a
+    plain shuffled pass. Every window appears once per epoch, as without bucketing. With ``trim`` the
+    batches then carry little padding (the usual length bucketing of sequence training).
+    """
+    n = len(windows)
+    perm = torch.randperm(n, generator=generator).numpy()
+    aux, tgt = windows.lengths()
+    longest, total = np.maximum(aux, tgt)[perm], (aux + tgt)[perm]
+    size = batch_size * pool
+    sorted_perm = np.concatenate([perm[s: s + size][np.lexsort((total[s: s + size], longest[s: s + size]))]
+                                  for s in range(0, n, size)]) if n else perm
+    n_full = n // batch_size
+    batches = sorted_perm[: n_full * batch_size].reshape(n_full, batch_size)
+    shuffled = batches[torch.randperm(n_full, generator=generator).numpy()].reshape(-1)
+    return np.concatenate([shuffled, sorted_perm[n_full * batch_size:]])
+
+
 def iterate_batches(windows: WindowArrays, batch_size: int, *, shuffle: bool = False,
                     generator: torch.Generator | None = None, pin_memory: bool = False,
                     rank: int = 0, world_size: int = 1, order: np.ndarray | None = None,

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from m3bsr.data.batches import WindowArrays
+from m3bsr.data.batches import WindowArrays, bucketed_order
 from m3bsr.errors import input_error
 
 TIMEOUT = timedelta(minutes=30)  # a rank stuck longer than this (e.g. another one crashed) fails loudly
@@ -145,18 +145,22 @@ def subset(windows: WindowArrays, index: np.ndarray) -> WindowArrays:
 
 
 def shard_batches(windows: WindowArrays, batch_size: int, *, generator: torch.Generator, rank: int,
-                  world_size: int, pin_memory: bool = False):
+                  world_size: int, pin_memory: bool = False, pool: int = 0):
     """Yield ``(batch, real)`` for this rank: its share of each global batch of the shuffled windows.
 
     ``real`` is False for the weight-0 pad window a rank gets when its share of a block is empty.
-    Every rank yields ``ceil(len(windows) / batch_size)`` batches.
+    Every rank yields ``ceil(len(windows) / batch_size)`` batches. ``pool`` > 0: the global batches of
+    :func:`~m3bsr.data.batches.bucketed_order` (``train.bucket_by_length``), padding trimmed.
     """
-    order = torch.randperm(len(windows), generator=generator).numpy()  # same draw as iterate_batches
+    if pool:
+        order = bucketed_order(windows, batch_size, pool, generator)
+    else:
+        order = torch.randperm(len(windows), generator=generator).numpy()  # same draw as iterate_batches
     for start in range(0, len(order), batch_size):
         block = order[start: start + batch_size]
         mine = block[rank::world_size]
         real = len(mine) > 0
-        b = windows.batch(mine if real else block[:1])
+        b = windows.batch(mine if real else block[:1], trim=bool(pool))
         yield (b.pin_memory() if pin_memory else b), real
 
 

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from m3bsr.config import Config
-from m3bsr.data.batches import WindowArrays, WindowBuilder, iterate_batches
+from m3bsr.data.batches import WindowArrays, WindowBuilder, bucketed_order, iterate_batches
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine import distributed
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -359,17 +359,18 @@ def train_epoch(s: Session, state: TrainState, progress: bool = True) -> dict[st
     s.model.train()
     sums: dict[str, float] = defaultdict(float)
     n_targets = skipped = 0
-    batch_size = s.cfg.train.batch_size
+    batch_size, pool = s.cfg.train.batch_size, s.cfg.train.bucket_by_length
     total_steps = math.ceil(len(s.train_windows) / batch_size)  # global batches: the same on every rank
     if s.world_size > 1:
         # Dropout/noise: an independent stream per rank and epoch (an exact resume needs no per-rank state).
         torch.manual_seed(derive_seed(s.cfg.seed, f"torch-global/epoch{state.epoch}/rank{s.rank}"))
         buffers = distributed.persistent_buffers(s.model)
         batches = distributed.shard_batches(s.train_windows, batch_size, generator=s.shuffle_gen, rank=s.rank,
-                                            world_size=s.world_size, pin_memory=s.cuda)
+                                            world_size=s.world_size, pin_memory=s.cuda, pool=pool)
     else:
-        batches = ((b, True) for b in iterate_batches(s.train_windows, batch_size, shuffle=True,
-                                                      generator=s.shuffle_gen, pin_memory=s.cuda))
+        order = bucketed_order(s.train_windows, batch_size, pool, s.shuffle_gen) if pool else None
+        batches = ((b, True) for b in iterate_batches(s.train_windows, batch_size, shuffle=True, order=order,
+                                                      trim=bool(pool), generator=s.shuffle_gen, pin_memory=s.cuda))
     bar = tqdm(batches, total=total_steps, desc=f"epoch {state.epoch}", leave=False,
                disable=s.quiet or not s.is_main or not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
