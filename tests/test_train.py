@@ -325,5 +325,7 @@ def test_bucketed_training_is_seeded_and_resumes_exactly(tiny_prepared, tmp_path
     resumed = resume(tmp_path / "b", ["train.max_epochs=4"], quiet=True)
     assert resumed["valid"] == straight["valid"] and resumed["test"] == straight["test"]
     assert_same_weights(tmp_path / "a", tmp_path / "b")
+    assert "pools of 2 batches, padding trimmed" in (tmp_path / "a" / "train.log").read_text()
     plain = train(cfg_for(), tiny_prepared, tmp_path / "p", quiet=True)
     assert plain["valid"] != straight["valid"]
+    assert "padding trimmed" not in (tmp_path / "p" / "train.log").read_text()

@@ -195,8 +195,8 @@ def bucketed_order(windows: WindowArrays, batch_size: int, pool: int, generator:
     The windows are shuffled (one ``randperm`` from ``generator``), cut into pools of ``pool`` batches,
     each pool is sorted by length (:meth:`WindowArrays.length_order`'s key) and cut into batches, and the
     full batches are shuffled (a second ``randperm``); the one short batch, if any, stays last, as in a
-    plain shuffled pass. Every window appears once per epoch, as without bucketing. With ``trim`` the
-    batches then carry little padding (the usual length bucketing of sequence training).
+    plain shuffled pass. Every window appears once per epoch, as without bucketing. Trimmed
+    (:meth:`WindowArrays.batch` with ``trim``), such batches carry little padding.
     """
     n = len(windows)
     perm = torch.randperm(n, generator=generator).numpy()

@@ -327,6 +327,9 @@ def fit(s: Session, state: TrainState) -> dict:
     if sampler is not None:
         s.log(f"loss sampled: {sampler.describe()}", echo=True)
     once = fits_once(s)
+    if s.cfg.train.bucket_by_length and not once:
+        s.log(f"batches: windows of similar length, sorted in pools of {s.cfg.train.bucket_by_length} batches, "
+              "padding trimmed (train.bucket_by_length)", echo=True)
     while not (state.epoch >= 1 if once else should_stop(s.cfg, state)):
         state.epoch += 1
         stats = train_epoch(s, state, progress=not once)
