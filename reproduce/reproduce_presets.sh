@@ -80,10 +80,10 @@ for s in 0 1 2; do
   $M3 train --config "$OUT/table1_noaux/tmall/runs/m3bsr-s$s/config.yaml" --set model.repeat=false \
       --set model.aux_targets=0 --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/R0-s$s" --overwrite
 done
-# tmall ladder rows R3 and R6, the paper's parts on this id-only log (R4 = R3 without content; R5 was not run
-# on tmall): the same configs with the specific experts, then every branch, switched on
+# tmall ladder rows R3, R5 and R6, the paper's parts on this id-only log (R4 = R3 without content): the same
+# configs with the specific experts, then CDMD-B, then every branch, switched on
 for s in 0 1 2; do
-  for r in R3 R6; do
+  for r in R3 R5 R6; do
     $M3 train --config "$OUT/table1_noaux/tmall/runs/m3bsr-s$s/config.yaml" $(as_sets ${ROW[$r]}) --set model.aux_targets=0 \
         --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/$r-s$s" --overwrite
   done
