@@ -100,6 +100,11 @@ for s in 0 1 2; do
         --set train.eval_test=false --quiet --out "$OUT/ladder/tmall/$r-s$s" --overwrite
   done
 done
+# the specific experts on top of the tuned default (with aux_targets, d 64 / lr 3e-3): Table 1's tmall runs
+for s in 0 1 2; do
+  $M3 train --config "$OUT/table1/tmall/runs/m3bsr-s$s/config.yaml" $(as_sets ${ROW[R3]}) --set train.eval_test=false \
+      --quiet --out "$OUT/ladder/tmall/R3-tuned-s$s" --overwrite
+done
 
 # 3b (docs/results.md section 3b, validation): the content gate and dropout at Table 1's setting, from the
 # Table 1 runs' own configs, without aux_targets (they came before it). The gated rows of the results doc
