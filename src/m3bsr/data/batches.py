@@ -49,8 +49,7 @@ class WindowArrays:
     def length_order(self) -> np.ndarray:
         """[n] a stable permutation putting windows of similar length next to each other (by the
         longer stream, then the total), so a batch of neighbours trims to little padding."""
-        aux, tgt = self.lengths()
-        return np.lexsort((aux + tgt, np.maximum(aux, tgt)))
+        return _by_length(*self.lengths())
 
     def batch(self, index: np.ndarray | slice, *, trim: bool = False) -> SequenceBatch:
         """The windows at ``index`` as a :class:`SequenceBatch` of CPU tensors.
@@ -189,6 +188,11 @@ class WindowBuilder:
                             exclude_items=_pad_rows(excluded))
 
 
+def _by_length(aux: np.ndarray, tgt: np.ndarray) -> np.ndarray:
+    """[n] the stable permutation sorting windows by their longer stream, then their total length."""
+    return np.lexsort((aux + tgt, np.maximum(aux, tgt)))
+
+
 def bucketed_order(windows: WindowArrays, batch_size: int, pool: int, generator: torch.Generator) -> np.ndarray:
     """[n] a training order whose consecutive ``batch_size`` slices are batches of similar-length windows.
 
@@ -201,10 +205,8 @@ def bucketed_order(windows: WindowArrays, batch_size: int, pool: int, generator:
     n = len(windows)
     perm = torch.randperm(n, generator=generator).numpy()
     aux, tgt = windows.lengths()
-    longest, total = np.maximum(aux, tgt)[perm], (aux + tgt)[perm]
-    size = batch_size * pool
-    sorted_perm = np.concatenate([perm[s: s + size][np.lexsort((total[s: s + size], longest[s: s + size]))]
-                                  for s in range(0, n, size)]) if n else perm
+    pools = [perm[s: s + batch_size * pool] for s in range(0, n, batch_size * pool)]
+    sorted_perm = np.concatenate([p[_by_length(aux[p], tgt[p])] for p in pools]) if n else perm
     n_full = n // batch_size
     batches = sorted_perm[: n_full * batch_size].reshape(n_full, batch_size)
     shuffled = batches[torch.randperm(n_full, generator=generator).numpy()].reshape(-1)
