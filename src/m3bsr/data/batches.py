@@ -193,6 +193,14 @@ def _by_length(aux: np.ndarray, tgt: np.ndarray) -> np.ndarray:
     return np.lexsort((aux + tgt, np.maximum(aux, tgt)))
 
 
+def training_order(windows: WindowArrays, batch_size: int, pool: int, generator: torch.Generator) -> np.ndarray:
+    """[n] one epoch's training order: a plain shuffle (one ``randperm``, the draw
+    :func:`iterate_batches` makes with ``shuffle``), or :func:`bucketed_order` when ``pool`` > 0."""
+    if pool:
+        return bucketed_order(windows, batch_size, pool, generator)
+    return torch.randperm(len(windows), generator=generator).numpy()
+
+
 def bucketed_order(windows: WindowArrays, batch_size: int, pool: int, generator: torch.Generator) -> np.ndarray:
     """[n] a training order whose consecutive ``batch_size`` slices are batches of similar-length windows.
 

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from m3bsr.data.batches import WindowArrays, bucketed_order
+from m3bsr.data.batches import WindowArrays, training_order
 from m3bsr.errors import input_error
 
 TIMEOUT = timedelta(minutes=30)  # a rank stuck longer than this (e.g. another one crashed) fails loudly
@@ -152,10 +152,7 @@ def shard_batches(windows: WindowArrays, batch_size: int, *, generator: torch.Ge
     Every rank yields ``ceil(len(windows) / batch_size)`` batches. ``pool`` > 0: the global batches of
     :func:`~m3bsr.data.batches.bucketed_order` (``train.bucket_by_length``), padding trimmed.
     """
-    if pool:
-        order = bucketed_order(windows, batch_size, pool, generator)
-    else:
-        order = torch.randperm(len(windows), generator=generator).numpy()  # same draw as iterate_batches
+    order = training_order(windows, batch_size, pool, generator)  # the single-process order
     for start in range(0, len(order), batch_size):
         block = order[start: start + batch_size]
         mine = block[rank::world_size]

@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from m3bsr.config import Config
-from m3bsr.data.batches import WindowArrays, WindowBuilder, bucketed_order, iterate_batches
+from m3bsr.data.batches import WindowArrays, WindowBuilder, iterate_batches, training_order
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine import distributed
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
@@ -371,9 +371,9 @@ def train_epoch(s: Session, state: TrainState, progress: bool = True) -> dict[st
         batches = distributed.shard_batches(s.train_windows, batch_size, generator=s.shuffle_gen, rank=s.rank,
                                             world_size=s.world_size, pin_memory=s.cuda, pool=pool)
     else:
-        order = bucketed_order(s.train_windows, batch_size, pool, s.shuffle_gen) if pool else None
-        batches = ((b, True) for b in iterate_batches(s.train_windows, batch_size, shuffle=True, order=order,
-                                                      trim=bool(pool), generator=s.shuffle_gen, pin_memory=s.cuda))
+        order = training_order(s.train_windows, batch_size, pool, s.shuffle_gen)
+        batches = ((b, True) for b in iterate_batches(s.train_windows, batch_size, order=order, trim=bool(pool),
+                                                      pin_memory=s.cuda))
     bar = tqdm(batches, total=total_steps, desc=f"epoch {state.epoch}", leave=False,
                disable=s.quiet or not s.is_main or not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
