@@ -250,6 +250,8 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
                  if params else None)  # e.g. pop: buffers only
     train_windows = builder.train_windows()
     attach_loss_sampler(cfg, model, train_windows, device)
+    if cfg.train.loss_chunk_scores:  # queries per chunk of the full loss: scores over the I + 1 catalogue rows
+        model.loss_chunk = max(1, cfg.train.loss_chunk_scores // (catalogue.n_items + 1))
     loss_fn = distributed.wrap(model, ctx, device)  # model.loss unless DDP has gradients to all-reduce
     return Session(cfg=cfg, dataset=Path(dataset), ds=ds, builder=builder, model=model,
                    loss_fn=torch.compile(loss_fn) if cfg.train.compile else loss_fn,

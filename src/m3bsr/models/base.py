@@ -26,6 +26,8 @@ Training loss (``train.loss``): the engine leaves ``loss_sampler`` None for the 
 a :class:`~m3bsr.models.sampled.NegativeSampler` for the sampled one; :meth:`main_loss` (and any
 model cross-entropy over the catalogue, through :meth:`item_loss`) then scores each query's positive
 against the batch's shared negatives with the logQ correction (:mod:`m3bsr.models.sampled`).
+With ``train.loss_chunk_scores`` the engine sets ``loss_chunk``, and the full loss is computed that many
+queries at a time, each chunk's scores recomputed in backward (:func:`chunked_cross_entropy`).
 
 Models return raw scores; the engine masks padding and history and computes metrics.
 """
@@ -38,6 +40,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from m3bsr.batch import PAD, Catalogue, SequenceBatch
 from m3bsr.config import BaseModelConfig
@@ -66,6 +69,8 @@ class SequentialRecommender(nn.Module):
     user_vectors: ClassVar[bool] = True
     # train.loss=sampled: set by the engine (not a parameter or buffer: checkpoints are unchanged).
     loss_sampler: NegativeSampler | None = None
+    # train.loss_chunk_scores: queries per chunk of the full-catalogue loss, set by the engine; None = one pass.
+    loss_chunk: int | None = None
 
     def __init__(self, cfg: BaseModelConfig, catalogue: Catalogue):
         super().__init__()
@@ -161,9 +166,9 @@ class SequentialRecommender(nn.Module):
         with the ``loss_sampler`` when one is set."""
         if self.loss_sampler is not None:
             return sampled_cross_entropy(self, reps, labels, self.loss_sampler, bonus)
-        logits = add_bonus(self.score(reps), bonus)  # [N, I+1]
-        logits[:, 0] = float("-inf")  # padding is never a valid answer
-        return F.cross_entropy(logits.float(), labels)
+        if self.loss_chunk and len(labels) > self.loss_chunk and type(self).score is SequentialRecommender.score:
+            return chunked_cross_entropy(reps, *self.output_layer(), labels, bonus, self.loss_chunk)
+        return _catalogue_cross_entropy(self.score(reps), labels, bonus, "mean")
 
     def main_and_aux_target_loss(self, reps: Tensor, batch: SequenceBatch, weight: float) -> dict[str, Tensor]:
         """Eq. 24 plus ``weight`` x the cross-entropy of every auxiliary event's item (no history
@@ -195,6 +200,37 @@ def add_bonus(scores: Tensor, bonus: tuple[Tensor, Tensor] | None) -> Tensor:
         return scores
     items, values = bonus
     return scores.scatter_add(-1, items, values.to(scores.dtype))
+
+
+def _catalogue_cross_entropy(logits: Tensor, labels: Tensor, bonus: tuple[Tensor, Tensor] | None,
+                             reduction: str) -> Tensor:
+    """Eq. 24 over scores ``logits`` [N, I+1] (history ``bonus`` added, padding never a valid answer)."""
+    logits = add_bonus(logits, bonus)
+    logits[:, 0] = float("-inf")
+    return F.cross_entropy(logits.float(), labels, reduction=reduction)
+
+
+def _chunk_cross_entropy_sum(reps: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                             bonus_items: Tensor | None, bonus_values: Tensor | None) -> Tensor:
+    bonus = None if bonus_items is None else (bonus_items, bonus_values)
+    return _catalogue_cross_entropy(F.linear(reps, weight, bias), labels, bonus, "sum")
+
+
+def chunked_cross_entropy(reps: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
+                          bonus: tuple[Tensor, Tensor] | None, chunk: int) -> Tensor:
+    """Eq. 23-24 as in :meth:`SequentialRecommender.item_loss`, ``chunk`` queries at a time: ``reps``
+    [N, d] against the output layer ``weight`` [I+1, d], ``bias`` [I+1] or None → mean cross-entropy.
+
+    Each chunk's [chunk, I+1] scores are recomputed in backward (:func:`torch.utils.checkpoint.checkpoint`)
+    instead of kept, so the loss holds one chunk's scores at a time rather than all N queries'; the price
+    is one more scoring pass. Same value and gradients as the one-pass loss up to float summation order."""
+    total = reps.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(labels), chunk):
+        part = slice(start, start + chunk)
+        items, values = (None, None) if bonus is None else (bonus[0][part], bonus[1][part])
+        total = total + checkpoint(_chunk_cross_entropy_sum, reps[part], weight, bias, labels[part], items, values,
+                                   use_reentrant=False)
+    return total / len(labels)
 
 
 def candidate_bonus(candidates: Tensor, bonus: tuple[Tensor, Tensor] | None) -> Tensor | float:
