@@ -6,8 +6,9 @@
 For each value of ``train.loss_chunk_scores`` (``none`` = one pass over all queries) it opens one training
 session of the same model and seed, then times the same ``--steps`` batches of one epoch's order in turn:
 batch 1 under every setting, then batch 2 under every setting (in a rotating order), and so on, so
-that load on a shared machine falls on every setting alike. Each session trains on its own copy of the weights. It prints the
-mean seconds per step, the mean full-loss queries per step, and the speed-up over the first setting.
+that load on a shared machine falls on every setting alike. Each session trains its own copy of the
+weights. It prints the mean seconds per step, the mean target + auxiliary queries per step, and the
+speed-up over the first setting.
 Peak memory needs a process per setting: time the one-epoch ``m3bsr train`` command instead
 (docs/performance.md, "The full loss in chunks").
 """
