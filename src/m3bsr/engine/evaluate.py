@@ -24,7 +24,7 @@ from m3bsr.config import EvalConfig
 from m3bsr.data.batches import WindowArrays, iterate_batches
 from m3bsr.engine.metrics import metrics_from_ranks
 from m3bsr.engine.runs import evaluation_overrides
-from m3bsr.models.base import SequentialRecommender, candidate_bonus
+from m3bsr.models.base import candidate_bonus
 
 PROTOCOLS = ("sampled", "full")
 
@@ -66,7 +66,7 @@ def linear_table(model) -> Tensor | None:
     separate bias add costs a quarter of the matmul); a model that overrides ``score`` is asked
     chunk by chunk instead.
     """
-    if type(model).score is not SequentialRecommender.score:
+    if not model.linear_score:
         return None
     weight, bias = model.output_layer()
     weight = weight.float()

@@ -99,6 +99,12 @@ class SequentialRecommender(nn.Module):
         raise NotImplementedError
 
     # --- shared behaviour -----------------------------------------------------------------------
+    @property
+    def linear_score(self) -> bool:
+        """True when this model keeps the base :meth:`score`, i.e. scores are ``F.linear(reps,
+        *output_layer())`` (Eq. 23), so callers may build the output layer once and multiply themselves."""
+        return type(self).score is SequentialRecommender.score
+
     def score(self, reps: Tensor, items: Tensor | slice | None = None) -> Tensor:
         """Raw scores of ``reps`` [B, P, d] against all items or ``items``: ids [C] or [B, P, C], or
         a ``slice`` of item ids (a contiguous catalogue chunk, read without a copy) → [B, P, C]."""
@@ -125,7 +131,7 @@ class SequentialRecommender(nn.Module):
 
         With the base linear :meth:`score` (Eq. 23) the rows of positives and negatives are read
         once through :meth:`output_rows`; a model that overrides :meth:`score` is asked through it."""
-        if type(self).score is not SequentialRecommender.score:
+        if not self.linear_score:
             pos = self.score(reps[:, None, :], labels[:, None, None])[:, 0, 0]  # [N]
             return pos, self.score(reps[None], negatives)[0]  # [N, S]
         n = len(labels)
@@ -166,7 +172,7 @@ class SequentialRecommender(nn.Module):
         with the ``loss_sampler`` when one is set."""
         if self.loss_sampler is not None:
             return sampled_cross_entropy(self, reps, labels, self.loss_sampler, bonus)
-        if self.loss_chunk and len(labels) > self.loss_chunk and type(self).score is SequentialRecommender.score:
+        if self.loss_chunk and len(labels) > self.loss_chunk and self.linear_score:
             return chunked_cross_entropy(reps, *self.output_layer(), labels, bonus, self.loss_chunk)
         return _catalogue_cross_entropy(self.score(reps), labels, bonus, "mean")
 

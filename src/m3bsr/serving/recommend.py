@@ -21,7 +21,7 @@ from m3bsr.config import Config
 from m3bsr.data.batches import History, WindowBuilder, latest_windows, user_history
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.errors import clip, input_error
-from m3bsr.models.base import SequentialRecommender, add_bonus
+from m3bsr.models.base import add_bonus
 
 MAX_SCORE_CELLS = 2**25
 """Bound on batch rows x catalogue size scored at once (32 Mi floats = 128 MiB)."""
@@ -203,7 +203,7 @@ class Recommender:
         the first query and kept: the model is frozen here, and M3BSR's item vectors project every
         item's content features, which took most of a single-user query (10 of 17 ms on ml100k_mm).
         A model that overrides ``score`` (MM-SASRec) is asked directly."""
-        if type(self.model).score is not SequentialRecommender.score:
+        if not self.model.linear_score:
             return self.model.score(reps)
         if self._output is None:
             self._output = self.model.output_layer()
