@@ -217,8 +217,7 @@ def _catalogue_cross_entropy(logits: Tensor, labels: Tensor, bonus: tuple[Tensor
 
 
 def _chunk_cross_entropy_sum(reps: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
-                             bonus_items: Tensor | None, bonus_values: Tensor | None) -> Tensor:
-    bonus = None if bonus_items is None else (bonus_items, bonus_values)
+                             bonus: tuple[Tensor, Tensor] | None) -> Tensor:
     return _catalogue_cross_entropy(F.linear(reps, weight, bias), labels, bonus, "sum")
 
 
@@ -233,8 +232,8 @@ def chunked_cross_entropy(reps: Tensor, weight: Tensor, bias: Tensor | None, lab
     total = reps.new_zeros((), dtype=torch.float32)
     for start in range(0, len(labels), chunk):
         part = slice(start, start + chunk)
-        items, values = (None, None) if bonus is None else (bonus[0][part], bonus[1][part])
-        total = total + checkpoint(_chunk_cross_entropy_sum, reps[part], weight, bias, labels[part], items, values,
+        part_bonus = None if bonus is None else (bonus[0][part], bonus[1][part])
+        total = total + checkpoint(_chunk_cross_entropy_sum, reps[part], weight, bias, labels[part], part_bonus,
                                    use_reentrant=False)
     return total / len(labels)
 
