@@ -323,6 +323,21 @@ def test_progress_lines_and_eta(fake_run):
                           "[4/6] sasrec seed 1 · ETA 1m30s (30s per run)"]
     assert lines[-1] == "6 runs done in 30s (1 trained, 5 reused)"
     assert len(engine.calls) == 7
+    # A resumed run trains only the epochs it had left: its 1 s must not make the ETA of full runs.
+    summary = json.loads((out / "runs" / "sasrec-s0" / "metrics.json").read_text())
+    (out / "runs" / "sasrec-s0" / "metrics.json").unlink()
+    (out / "runs" / "sasrec-s0" / "last.pt").write_bytes(b"x")
+    (out / "runs" / "pop-s0" / "metrics.json").unlink()
+
+    def resume(run_dir, quiet):
+        now[0] += 1.0
+        return summary
+
+    lines.clear()
+    run(train_fn=timed, resume_fn=resume, progress=lines.append, clock=lambda: now[0])
+    assert lines[:3] == ["[1/6] sasrec seed 0", "[2/6] m3bsr seed 0", "[3/6] pop seed 0"]  # no ETA from 1 s
+    assert lines[3] == "[4/6] sasrec seed 1 · ETA 6s (2s per run)"  # pop trained from the start: 2 s x 3
+    assert lines[-1] == "6 runs done in 3s (1 trained, 1 resumed, 4 reused)"
 
 
 def test_a_run_saved_before_a_model_key_existed_reads_as_it_was(tmp_path):

@@ -209,9 +209,11 @@ def engine_resume(run_dir: Path, *, quiet: bool) -> dict:
 
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
-            log: Callable[[str], None] = print) -> dict:
+            log: Callable[[str], None] = print, done: Callable[[str], None] | None = None) -> dict:
     """Train one run, reuse it when finished, or resume it from last.pt; a run of another config or
-    dataset is refused (the rule is :meth:`~m3bsr.engine.runs.RunDir.reuse`), ``overwrite`` retrains."""
+    dataset is refused (the rule is :meth:`~m3bsr.engine.runs.RunDir.reuse`), ``overwrite`` retrains.
+    ``done`` gets what was done, ``train``, ``resume`` or ``reuse``, once the run's summary is there
+    (:meth:`~m3bsr.progress.RunProgress.finish`)."""
     from m3bsr.engine.runs import RunDir
 
     run = RunDir(run_dir)
@@ -219,12 +221,16 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
                                                   "data, or choose another --out")
     if action == "reuse":
         log(f"{run_dir.name}: finished, reused")
-        return run.read_summary()
-    if action == "resume":
+        summary = run.read_summary()
+    elif action == "resume":
         log(f"{run_dir.name}: unfinished, resuming from last.pt")
-        return resume_fn(run_dir, quiet=quiet)
-    log(f"{run_dir.name}: training")
-    return train_fn(cfg, dataset, run_dir, overwrite=True, quiet=quiet)
+        summary = resume_fn(run_dir, quiet=quiet)
+    else:
+        log(f"{run_dir.name}: training")
+        summary = train_fn(cfg, dataset, run_dir, overwrite=True, quiet=quiet)
+    if done is not None:
+        done(action)
+    return summary
 
 
 def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path, raw: dict[str, Any] | None = None,
@@ -252,19 +258,8 @@ def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path
         for m in models:
             run_dir = run_path(out, m, s)
             progress(where.start(f"{m} seed {s}"))
-            trained = []  # set when the run trains or resumes (a reused run says nothing about the ETA)
-
-            def train_here(*a, **kw):
-                trained.append(True)
-                return train_fn(*a, **kw)
-
-            def resume_here(*a, **kw):
-                trained.append(True)
-                return resume_fn(*a, **kw)
-
             summaries[m, s] = run_one(configs[s][m], dataset, run_dir, overwrite=overwrite, quiet=quiet,
-                                      train_fn=train_here, resume_fn=resume_here, log=log)
-            where.finish(bool(trained))
+                                      train_fn=train_fn, resume_fn=resume_fn, log=log, done=where.finish)
     progress(where.summary())
     ks = configs[seeds[0]][models[0]].eval.ks
     table = results_table(summaries, ks, {m: mode.mode for m, mode in modes.items()})

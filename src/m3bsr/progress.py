@@ -1,8 +1,9 @@
 """Where a sequence of runs stands (``compare``, ``sweep``): ``[4/6] sasrec seed 1 · ETA 2m10s``.
 
 Plain text lines, meant to be printed even under ``--quiet``. The ETA is the mean duration of the
-runs that trained or resumed in this call, times the runs left; runs reused from an earlier call
-take no time and say nothing about the others, so they do not count.
+runs that trained from the start in this call, times the runs left. Runs reused from an earlier call
+take no time, and a resumed run only trains the epochs it had left, so neither says how long the
+others take: they do not count.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class RunProgress:
 
     def __init__(self, total: int, clock: Callable[[], float] = time.monotonic):
         self.total, self.clock = total, clock
-        self.done = 0
+        self.done = self.resumed = 0
         self.durations: list[float] = []
         self.t0 = clock()
         self._started: float | None = None
@@ -40,14 +41,19 @@ class RunProgress:
             line += f" · ETA {duration(per_run * (self.total - self.done))} ({duration(per_run)} per run)"
         return line
 
-    def finish(self, trained: bool) -> None:
-        """The run started last is done; ``trained`` = it trained or resumed (not reused)."""
-        if trained and self._started is not None:
+    def finish(self, action: str) -> None:
+        """The run started last is done; ``action`` = what was done: ``train``, ``resume`` or ``reuse``
+        (the words of :meth:`m3bsr.engine.runs.RunDir.reuse`); only ``train`` times the ETA."""
+        if action not in ("train", "resume", "reuse"):
+            raise ValueError(f"unknown run action {action!r}")
+        if action == "train" and self._started is not None:
             self.durations.append(self.clock() - self._started)
+        self.resumed += action == "resume"
         self.done += 1
         self._started = None
 
     def summary(self, what: str = "runs") -> str:
-        """``"6 runs done in 4m02s (4 trained, 2 reused)"``."""
+        """``"6 runs done in 4m02s (4 trained, 2 reused)"``; resumed runs are counted when there are any."""
+        resumed = f"{self.resumed} resumed, " if self.resumed else ""
         return (f"{self.done} {what} done in {duration(self.clock() - self.t0)} ({len(self.durations)} trained, "
-                f"{self.done - len(self.durations)} reused)")
+                f"{resumed}{self.done - len(self.durations) - self.resumed} reused)")

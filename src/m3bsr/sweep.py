@@ -102,7 +102,7 @@ def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | Non
         else:
             progress(line)
             metrics = train_fn(cfg, dataset, run.root, overwrite=run.root.exists(), quiet=quiet)
-        where.finish(trained=action != "reuse")
+        where.finish(action)
         valid = metrics["valid"][base.train.monitor_protocol]
         row = {key: value for key, value in (p.split("=", 1) for p in point)}
         row.update({"run": run.root.name, "best_epoch": metrics.get("best_epoch"),

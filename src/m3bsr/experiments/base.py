@@ -160,19 +160,8 @@ def run_jobs(ctx: Context, jobs: list[Job]) -> dict[tuple, dict]:
     summaries = {}
     for job in jobs:
         progress(where.start(f"{job.label} seed {job.seed}" + (f" ({job.key[0]})" if len(job.key) > 2 else "")))
-        trained = []
-
-        def train_fn(*a, **kw):
-            trained.append(True)
-            return compare.engine_train(*a, **kw)
-
-        def resume_fn(*a, **kw):
-            trained.append(True)
-            return compare.engine_resume(*a, **kw)
-
         summaries[job.key] = compare.run_one(job.cfg, job.dataset, job.run_dir, overwrite=ctx.overwrite,
-                                             quiet=ctx.quiet, train_fn=train_fn, resume_fn=resume_fn, log=ctx.log)
-        where.finish(bool(trained))
+                                             quiet=ctx.quiet, log=ctx.log, done=where.finish)
     progress(where.summary())
     return summaries
 
