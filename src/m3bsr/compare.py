@@ -54,9 +54,10 @@ from m3bsr.errors import InputError, input_error
 from m3bsr.models.registry import canonical_name, model_class, model_config_class, model_names
 from m3bsr.progress import RunProgress
 
-if TYPE_CHECKING:  # both import torch or pandas
+if TYPE_CHECKING:  # they import torch, pandas or pyarrow
     import pandas as pd
 
+    from m3bsr.engine.runs import Reuse
     from m3bsr.models.base import DataMode
 
 SPLITS = ("valid", "test")
@@ -209,7 +210,7 @@ def engine_resume(run_dir: Path, *, quiet: bool) -> dict:
 
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
-            log: Callable[[str], None] = print, done: Callable[[str], None] | None = None) -> dict:
+            log: Callable[[str], None] = print, done: Callable[[Reuse], None] | None = None) -> dict:
     """Train one run, reuse it when finished, or resume it from last.pt; a run of another config or
     dataset is refused (the rule is :meth:`~m3bsr.engine.runs.RunDir.reuse`), ``overwrite`` retrains.
     ``done`` gets what was done, ``train``, ``resume`` or ``reuse``, once the run's summary is there

@@ -9,7 +9,10 @@ others take: they do not count.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:  # the run module reads parquet; progress lines must stay cheap to import
+    from m3bsr.engine.runs import Reuse
 
 
 def duration(seconds: float) -> str:
@@ -41,7 +44,7 @@ class RunProgress:
             line += f" · ETA {duration(per_run * (self.total - self.done))} ({duration(per_run)} per run)"
         return line
 
-    def finish(self, action: str) -> None:
+    def finish(self, action: Reuse) -> None:
         """The run started last is done; ``action`` = what was done: ``train``, ``resume`` or ``reuse``
         (the words of :meth:`m3bsr.engine.runs.RunDir.reuse`); only ``train`` times the ETA."""
         if action not in ("train", "resume", "reuse"):
