@@ -210,24 +210,28 @@ def engine_resume(run_dir: Path, *, quiet: bool) -> dict:
 
 def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet: bool,
             train_fn: Callable = engine_train, resume_fn: Callable = engine_resume,
-            log: Callable[[str], None] = print, done: Callable[[Reuse], None] | None = None) -> dict:
+            log: Callable[[str], None] = print, done: Callable[[Reuse], None] | None = None,
+            name: str | None = None) -> dict:
     """Train one run, reuse it when finished, or resume it from last.pt; a run of another config or
     dataset is refused (the rule is :meth:`~m3bsr.engine.runs.RunDir.reuse`), ``overwrite`` retrains.
-    ``done`` gets what was done, ``train``, ``resume`` or ``reuse``, once the run's summary is there
-    (:meth:`~m3bsr.progress.RunProgress.finish`)."""
+    ``log`` gets one line, ``NAME: training`` (or ``finished, reused``, ``unfinished, resuming from
+    last.pt``), NAME being ``name`` or the run directory's. ``done`` gets what was done, ``train``,
+    ``resume`` or ``reuse``, once the run's summary is there (:meth:`~m3bsr.progress.RunProgress.finish`).
+    compare, sweep and the experiments all run through here."""
     from m3bsr.engine.runs import RunDir
 
     run = RunDir(run_dir)
+    name = run_dir.name if name is None else name
     action = "train" if overwrite else run.reuse(cfg, dataset, fix="Pass --overwrite to retrain on the current "
                                                   "data, or choose another --out")
     if action == "reuse":
-        log(f"{run_dir.name}: finished, reused")
+        log(f"{name}: finished, reused")
         summary = run.read_summary()
     elif action == "resume":
-        log(f"{run_dir.name}: unfinished, resuming from last.pt")
+        log(f"{name}: unfinished, resuming from last.pt")
         summary = resume_fn(run_dir, quiet=quiet)
     else:
-        log(f"{run_dir.name}: training")
+        log(f"{name}: training")
         summary = train_fn(cfg, dataset, run_dir, overwrite=True, quiet=quiet)
     if done is not None:
         done(action)

@@ -7,7 +7,7 @@ refused (one rule for compare and sweep: :meth:`m3bsr.engine.runs.RunDir.reuse`)
 (``sweep.csv``, ``sweep.md``) ranks points by the monitored validation metric, and
 ``--emit-best FILE`` writes the winning config as YAML, ready for ``m3bsr train --config FILE``.
 Before each point one plain line ``sweep: [3/8] sasrec train.lr=1e-3 · ETA 5m20s
-(40s per run)`` says where the sweep is (under ``--quiet`` too; a reused point says so). Every point's
+(40s per run): training`` says where the sweep is (under ``--quiet`` too; a reused point says so). Every point's
 config is validated before the first trains, and before torch or pandas is imported.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from m3bsr import atomic
-from m3bsr.compare import engine_resume, engine_train
+from m3bsr.compare import engine_resume, engine_train, run_one
 from m3bsr.config import Config, load_config, parse_override
 from m3bsr.errors import input_error
 from m3bsr.progress import RunProgress
@@ -79,33 +79,22 @@ def sweep(dataset: Path, model: str, grid: str, out: Path, *, config: Path | Non
           clock: Callable[[], float] = time.monotonic) -> pd.DataFrame:
     """Train every grid point on ``dataset`` and rank them on validation. Returns the table.
 
-    Before each point ``progress`` gets ``[k/N] POINT`` and, once a point has trained, the ETA of
+    Before each point ``progress`` gets ``[k/N] POINT: training`` (or ``finished, reused``, ``unfinished,
+    resuming from last.pt``: :func:`~m3bsr.compare.run_one`) and, once a point has trained, the ETA of
     the rest (:class:`~m3bsr.progress.RunProgress`, timed by ``clock``)."""
     axes, points, base, cfgs = point_configs(grid, config, model, list(overrides))
     import pandas as pd
 
-    from m3bsr.engine.runs import RunDir
-
     rows: list[dict[str, Any]] = []
     where = RunProgress(len(points), clock)
     for k, (point, cfg) in enumerate(zip(points, cfgs)):
-        run = RunDir(out / "runs" / f"{k:03d}-{_slug(point)}")
+        run_dir = out / "runs" / f"{k:03d}-{_slug(point)}"
         line = where.start(f"{base.model.name} {' '.join(point)}")
-        action = run.reuse(cfg, dataset, fix="Pass --overwrite to retrain every grid point on the current data, "
-                                             "or choose another --out")
-        if action == "reuse":
-            progress(f"{line}: finished, reused")
-            metrics = run.read_summary()
-        elif action == "resume":
-            progress(f"{line}: unfinished, resuming from last.pt")
-            metrics = resume_fn(run.root, quiet=quiet)
-        else:
-            progress(line)
-            metrics = train_fn(cfg, dataset, run.root, overwrite=run.root.exists(), quiet=quiet)
-        where.finish(action)
+        metrics = run_one(cfg, dataset, run_dir, overwrite=False, quiet=quiet, train_fn=train_fn,
+                          resume_fn=resume_fn, log=progress, done=where.finish, name=line)
         valid = metrics["valid"][base.train.monitor_protocol]
         row = {key: value for key, value in (p.split("=", 1) for p in point)}
-        row.update({"run": run.root.name, "best_epoch": metrics.get("best_epoch"),
+        row.update({"run": run_dir.name, "best_epoch": metrics.get("best_epoch"),
                     "seconds_per_epoch": metrics.get("seconds_per_epoch")})
         row.update({f"valid_{m}": valid[m] for m in METRICS if m in valid})
         rows.append(row)
