@@ -171,6 +171,28 @@ def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
     assert sum(c["claim"].endswith("across the grid") for c in meta["claims"]) == 2
 
 
+def test_sensitivity_seed_noise_against_hand_computed_anova():
+    """Cells [1, 3] and [2, 4]: seed std sqrt(2) over the mean 2.5; F = 1 / (4 / 2) on (1, 2) df, whose p
+    is the two-sided t-test's with 2 df at t = sqrt(0.5): 1 - t / sqrt(2 + t^2)."""
+    from m3bsr.experiments.sensitivity import seed_noise
+
+    std, p = seed_noise([[1.0, 3.0], [2.0, 4.0]])
+    assert std == pytest.approx(np.sqrt(2) / 2.5)
+    assert p == pytest.approx(1 - np.sqrt(0.5) / np.sqrt(2.5))
+    assert seed_noise([[1.0, 1.01], [2.0, 2.01], [3.0, 3.01]])[1] < 1e-4  # the setting matters beyond noise
+    assert seed_noise([[1.0], [2.0]]) is None and seed_noise([[1.0, 2.0]]) is None
+
+
+def test_sensitivity_with_seeds_states_their_noise(tiny, tmp_path):
+    out = tmp_path / "sens2"
+    table = experiment("sensitivity", tiny, out, "--seeds", "0,1", "--set",
+                       'sensitivity.grids={a: "T_b=5,10 lambda_b=0.02"}')
+    assert len(table) == 4
+    md, meta = check_outputs(out, "sensitivity")
+    (claim,) = meta["claims"]
+    assert "seed std within a cell" in claim["evidence"] and "ANOVA over cells p = " in md
+
+
 @pytest.mark.slow  # one spawned process per run (a fresh interpreter imports torch): ~10 s on an idle machine
 def test_cost_reads_epoch_times_and_measures_memory_and_latency(tiny, tmp_path):
     out = tmp_path / "cost"
