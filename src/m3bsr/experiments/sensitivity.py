@@ -1,6 +1,7 @@
 """``sensitivity`` (paper Figure 4): 2-D grids of model keys scored on validation, one heat map per grid
-with the value in every cell. Default: T_b x lambda_b, T_m x lambda_m, tau x lambda_c, 3 x 3 each around
-the defaults; another grid: ``--set "sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}"``.
+with the value in every cell (and, with several seeds, their std below it). Default: T_b x lambda_b,
+T_m x lambda_m, tau x lambda_c, 3 x 3 each around the defaults; another grid:
+``--set "sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}"``.
 A cell whose values equal the base model's is the base run itself, shared by every grid.
 
 Claim checked: the metric varies by at most ``spread`` (paper: 1.6 %) across each grid:
@@ -100,7 +101,9 @@ def run(ctx: Context) -> pd.DataFrame:
         for k in range(m.shape[0]):
             for i in range(m.shape[1]):
                 bright = m[k, i] > (m.max() + m.min()) / 2  # viridis: dark text on the bright half
-                ax.text(i, k, f"{m[k, i]:.4f}", ha="center", va="center", color="k" if bright else "w", fontsize=8)
+                seeds = by_label[cells[i, k].label]
+                text = f"{m[k, i]:.4f}" + (f"\n± {np.std(seeds, ddof=1):.4f}" if len(seeds) > 1 else "")
+                ax.text(i, k, text, ha="center", va="center", color="k" if bright else "w", fontsize=8)
         ax.set_xticks(range(len(a[1])), [str(v) for v in a[1]])
         ax.set_yticks(range(len(b[1])), [str(v) for v in b[1]])
         ax.set(xlabel=a[0].removeprefix("model."), ylabel=b[0].removeprefix("model."), title=name)
