@@ -172,15 +172,29 @@ def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
 
 
 def test_sensitivity_seed_noise_against_hand_computed_anova():
-    """Cells [1, 3] and [2, 4]: seed std sqrt(2) over the mean 2.5; F = 1 / (4 / 2) on (1, 2) df, whose p
-    is the two-sided t-test's with 2 df at t = sqrt(0.5): 1 - t / sqrt(2 + t^2)."""
+    """Cells [1, 3] and [2, 5] (seeds 0, 1): SS cells 2.25, SS seeds 6.25, SS total 8.75, so SS residual 0.25
+    and F = 2.25 / 0.25 = 9 on (1, 1) df, whose p is the two-sided Cauchy tail at 3: 1 - 2 arctan(3) / pi."""
     from m3bsr.experiments.sensitivity import seed_noise
 
-    std, p = seed_noise([[1.0, 3.0], [2.0, 4.0]])
-    assert std == pytest.approx(np.sqrt(2) / 2.5)
-    assert p == pytest.approx(1 - np.sqrt(0.5) / np.sqrt(2.5))
-    assert seed_noise([[1.0, 1.01], [2.0, 2.01], [3.0, 3.01]])[1] < 1e-4  # the setting matters beyond noise
+    std, resid, p = seed_noise([[1.0, 3.0], [2.0, 5.0]])
+    assert std == pytest.approx(np.sqrt((2 + 4.5) / 2) / 2.75)
+    assert resid == pytest.approx(0.5 / 2.75)
+    assert p == pytest.approx(1 - 2 * np.arctan(3) / np.pi)
     assert seed_noise([[1.0], [2.0]]) is None and seed_noise([[1.0, 2.0]]) is None
+
+
+def test_sensitivity_seed_noise_sees_a_small_effect_under_a_large_shared_seed_shift():
+    """Seeds shift every cell by -1, 0 or +1; cell 2 is always 0.01 above cell 1 and cell 3 0.02. The within-cell
+    std is large, but compared within a seed the cells differ (a one-way ANOVA would miss it: p ~ 1)."""
+    from scipy import stats
+
+    from m3bsr.experiments.sensitivity import seed_noise
+
+    rng = np.random.default_rng(0)
+    y = 10 + np.array([-1.0, 0.0, 1.0])[None, :] + np.array([0.0, 0.01, 0.02])[:, None] + rng.normal(0, 1e-3, (3, 3))
+    std, resid, p = seed_noise(y.tolist())
+    assert std > 0.05 and resid < 0.001 and p < 1e-3
+    assert stats.f_oneway(*y).pvalue > 0.9
 
 
 def test_sensitivity_with_seeds_states_their_noise(tiny, tmp_path):
@@ -190,7 +204,7 @@ def test_sensitivity_with_seeds_states_their_noise(tiny, tmp_path):
     assert len(table) == 4
     md, meta = check_outputs(out, "sensitivity")
     (claim,) = meta["claims"]
-    assert "seed std within a cell" in claim["evidence"] and "ANOVA over cells p = " in md
+    assert "seed std within a cell" in claim["evidence"] and "ANOVA over cells with seeds as blocks p = " in md
 
 
 @pytest.mark.slow  # one spawned process per run (a fresh interpreter imports torch): ~10 s on an idle machine
