@@ -140,11 +140,11 @@ def test_sweep_and_compare_refuse_to_reuse_runs_of_the_old_data(tmp_path, capsys
     with pytest.raises(InputError) as e:
         sweep(ds, "pop", grid, tmp_path / "sw", quiet=True)
     assert f"fingerprint {old[:12]}" in str(e.value) and f"fingerprint {new[:12]}" in str(e.value)
-    assert "Pass --overwrite to retrain every grid point" in str(e.value)
+    assert "Pass --overwrite to retrain every run on the current data" in str(e.value)
     with pytest.raises(InputError) as e:
         run_compare(ds, ["pop"], [0], out=tmp_path / "cmp", quiet=True, log=lambda m: None)
     assert f"fingerprint {old[:12]}" in str(e.value) and f"fingerprint {new[:12]}" in str(e.value)
-    assert "Pass --overwrite to retrain on the current data" in str(e.value)
+    assert "Pass --overwrite to retrain every run on the current data" in str(e.value)
     run_compare(ds, ["pop"], [0], out=tmp_path / "cmp", quiet=True, log=lambda m: None, overwrite=True)
     assert yaml.safe_load((tmp_path / "cmp" / "runs" / "pop-s0" / "config.yaml").read_text())[
         "dataset_fingerprint"] == new

@@ -222,8 +222,8 @@ def run_one(cfg: Config, dataset: Path, run_dir: Path, *, overwrite: bool, quiet
 
     run = RunDir(run_dir)
     name = run_dir.name if name is None else name
-    action = "train" if overwrite else run.reuse(cfg, dataset, fix="Pass --overwrite to retrain on the current "
-                                                  "data, or choose another --out")
+    action = "train" if overwrite else run.reuse(cfg, dataset, fix="Pass --overwrite to retrain every run on "
+                                                  "the current data, or choose another --out")
     if action == "reuse":
         log(f"{name}: finished, reused")
         summary = run.read_summary()
