@@ -38,13 +38,13 @@ def parse_axes(text: str, grid: str) -> list[tuple[str, list]]:
 
 def seed_noise(values: list[list[float]]) -> tuple[float, float, float] | None:
     """Seed noise of one grid. ``values``: per cell, the metric of each seed, the seeds in the same order
-    in every cell (n_cells x n_seeds).
+    in every cell (c cells x n seeds).
 
     A seed fixes the initialisation and the batch order of every cell alike, so cells are compared
     within a seed: a two-way ANOVA without interaction (cells x seeds, seeds as blocks). Returns
     ``(std, residual_std, p)``: the root mean square of the cells' sample seed std (ddof 1), the
     residual std once each seed's shift shared by all cells is removed, both as shares of the grid's
-    mean, and the p-value of F = MS_cells / MS_residual on (c - 1, (c - 1)(s - 1)) degrees of freedom
+    mean, and the p-value of F = MS_cells / MS_residual on (c - 1, (c - 1)(n - 1)) degrees of freedom
     (small: the setting matters beyond seed noise). None with fewer than two seeds or two cells."""
     from scipy import stats
 
