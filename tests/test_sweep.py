@@ -40,7 +40,8 @@ def test_sweep_ranks_on_validation_never_evaluates_test(tiny_prepared, tmp_path,
             "--emit-best", str(best), "--quiet"]
     assert main(argv) == 0
     printed = capsys.readouterr().out  # --quiet: the progress lines still say where the sweep is
-    assert "sweep: [1/2] sasrec train.lr=1e-4: training\n" in printed and "sweep: [2/2] sasrec train.lr=1e-2 · ETA " in printed
+    assert "sweep: [1/2] sasrec train.lr=1e-4: training\n" in printed
+    assert "sweep: [2/2] sasrec train.lr=1e-2 · ETA " in printed
     rows = (out / "sweep.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and rows[0].startswith("train.lr,run,")
     runs = sorted((out / "runs").iterdir())
@@ -94,7 +95,8 @@ def test_sweep_progress_lines_and_eta(tiny_prepared, tmp_path):
     assert lines == ["[1/4] sasrec model.hidden_size=8 train.lr=0.1: training",
                      "[2/4] sasrec model.hidden_size=8 train.lr=0.2 · ETA 1m00s (20s per run): training",
                      "[3/4] sasrec model.hidden_size=16 train.lr=0.1 · ETA 40s (20s per run): training",
-                     "[4/4] sasrec model.hidden_size=16 train.lr=0.2 · ETA 27s (27s per run): training",  # (20+20+40)/3
+                     # (20+20+40)/3
+                     "[4/4] sasrec model.hidden_size=16 train.lr=0.2 · ETA 27s (27s per run): training",
                      "4 grid points done in 2m00s (4 trained, 0 reused)"]
     assert table["valid_NDCG@10"].tolist() == [0.2, 0.2, 0.1, 0.1]
     (tmp_path / "sw" / "runs" / "003-hidden_size=16-lr=0.2" / "metrics.json").unlink()

@@ -109,20 +109,21 @@ def run(ctx: Context) -> pd.DataFrame:
     fig, axes = plt.subplots(1, len(grids), figsize=(4.8 * len(grids), 4.2), squeeze=False)
     claims, lines = [], []
     for ax, (name, (a, b, cells)) in zip(axes[0], grids.items()):
-        m = np.array([[np.mean(by_label[cells[i, k].label]) for i in range(len(a[1]))] for k in range(len(b[1]))])
+        # (y values, x values, seeds): every cell's per-seed metric, read once for the map, its text and the noise
+        y = np.array([[by_label[cells[i, k].label] for i in range(len(a[1]))] for k in range(len(b[1]))])
+        m = y.mean(axis=-1)
         im = ax.imshow(m, cmap="viridis", origin="lower")
         for k in range(m.shape[0]):
             for i in range(m.shape[1]):
                 bright = m[k, i] > (m.max() + m.min()) / 2  # viridis: dark text on the bright half
-                seeds = by_label[cells[i, k].label]
-                text = f"{m[k, i]:.4f}" + (f"\n± {np.std(seeds, ddof=1):.4f}" if len(seeds) > 1 else "")
+                text = f"{m[k, i]:.4f}" + (f"\n± {y[k, i].std(ddof=1):.4f}" if y.shape[-1] > 1 else "")
                 ax.text(i, k, text, ha="center", va="center", color="k" if bright else "w", fontsize=8)
         ax.set_xticks(range(len(a[1])), [str(v) for v in a[1]])
         ax.set_yticks(range(len(b[1])), [str(v) for v in b[1]])
         ax.set(xlabel=a[0].removeprefix("model."), ylabel=b[0].removeprefix("model."), title=name)
         fig.colorbar(im, ax=ax, shrink=0.8)
         spread = float((m.max() - m.min()) / m.max()) if m.max() > 0 else float("nan")
-        noise = seed_noise([by_label[e.label] for e in cells.values()])
+        noise = seed_noise(y.reshape(-1, y.shape[-1]).tolist())
         said = "" if noise is None else (f"; seed std within a cell {100 * noise[0]:.1f} % of the mean "
                                          f"({100 * noise[1]:.1f} % once each seed's shared shift is removed), "
                                          f"ANOVA over cells with seeds as blocks p = {noise[2]:.2g}")
