@@ -59,6 +59,24 @@ def test_ablation_end_to_end_then_reuses_its_runs(tiny, tmp_path, capsys):
     pd.testing.assert_frame_equal(table, again)
 
 
+def test_ablation_leaves_out_content_switches_on_data_without_content(tmp_path, capsys):
+    bare = make_tiny_prepared(tmp_path / "bare", n_users=24, n_items=40, dims={})
+    out = tmp_path / "abl"
+    table = experiment("ablation", bare, out, "--seeds", "0", "--set", "ablation.switches=[no_cdmd_m,no_meie]",
+                       "--variants", "modality_denoiser=mlp")
+    # without content CDMD-M is never built: both content entries would train the full model again
+    assert sorted(table["model"].unique()) == ["m3bsr@paper", "m3bsr@paper+no_meie=true"]
+    said = capsys.readouterr().out
+    for left in ("m3bsr@paper+no_cdmd_m=true", "m3bsr@paper+modality_denoiser=mlp"):
+        assert f"experiment ablation: {left} left out: {bare} has no content features" in said
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["m3bsr@paper+no_meie=true-s0", "m3bsr@paper-s0"]
+    # with content the same switches are ablations of their own
+    from m3bsr.experiments.base import parse_entries, without_content_switches
+    ents = parse_entries("m3bsr@paper,m3bsr@paper+no_cdmd_m=true")
+    assert without_content_switches(ents, make_tiny_prepared(tmp_path / "rich", n_users=24, n_items=40),
+                                    print, "ablation") == ents
+
+
 def test_ablation_claims_are_computed_from_the_numbers():
     from m3bsr.experiments.ablation import claims
 
@@ -132,6 +150,15 @@ def test_noise_trains_every_model_at_every_level_on_noisy_copies(tiny, tmp_path)
     assert "M3BSR falls slowest under clicks noise (full)" in md
     clean = test[test["level"] == 0].groupby(["model", "protocol"])["NDCG@10"].nunique()
     assert (clean == 1).all()  # the clean runs are shared by both kinds
+
+
+def test_noise_on_data_without_content_trains_no_content_switch(tmp_path, capsys):
+    bare = make_tiny_prepared(tmp_path / "bare", n_users=24, n_items=40, dims={})
+    table = experiment("noise", bare, tmp_path / "noise", "--seeds", "0",
+                       "--models", "m3bsr@paper,m3bsr@paper+no_cdmd_m=true", "--set", "noise.kinds=[clicks]",
+                       "--set", "noise.clicks=[0,0.5]")
+    assert set(table["model"]) == {"m3bsr@paper"}
+    assert "m3bsr@paper+no_cdmd_m=true left out" in capsys.readouterr().out
 
 
 def test_coldstart_splits_users_by_training_interactions(tiny, tmp_path):

@@ -12,21 +12,22 @@ import pandas as pd
 
 from m3bsr import compare
 from m3bsr.experiments.base import Context, Entry, figure_bytes, jobs_for, md_table, parse_entry, pyplot, \
-    run_jobs, write_outputs
+    run_jobs, without_content_switches, write_outputs
 
 NAME = "ablation"
 METRICS = ("HR@10", "NDCG@10")
 
 
 def entries(ctx: Context) -> list[Entry]:
-    """The base (``--models``' first entry, else the settings' ``base``), one entry per switch and variant."""
+    """The base (``--models``' first entry, else the settings' ``base``), one entry per switch and variant
+    (less a content switch on data without content: :func:`~m3bsr.experiments.base.without_content_switches`)."""
     s = ctx.settings.ablation
     base = parse_entry(ctx.models[0] if ctx.models else s.base)
     out = [base]
     extra = [f"{sw}=true" for sw in s.switches] + list(s.variants)
     for text in extra:
         out.append(parse_entry(f"{base.label}+{text}"))
-    return out
+    return without_content_switches(out, ctx.dataset, ctx.progress or ctx.log, NAME)
 
 
 def claims(mean: pd.DataFrame, full: str, switched: list[str]) -> list[dict]:

@@ -70,6 +70,33 @@ def parse_entries(items: list[str] | str) -> list[Entry]:
     return entries
 
 
+# keys that change only how a model reads item content (CDMD-M or the MLP in its place)
+CONTENT_ONLY_KEYS = ("model.no_cdmd_m", "model.modality_denoiser")
+
+
+def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[[str], None],
+                             name: str) -> list[Entry]:
+    """``entries`` less those that would train an earlier entry's model again on ``dataset``.
+
+    Without content features a model never builds CDMD-M, so an entry that differs from an earlier one
+    only in :data:`CONTENT_ONLY_KEYS` (``m3bsr@paper+no_cdmd_m=true`` beside ``m3bsr@paper``) is the same
+    model: it is left out with one line rather than trained and drawn as if it were an ablation.
+    """
+    from m3bsr.data.prepared import PreparedDataset
+
+    if PreparedDataset.load(dataset).features:
+        return entries
+    kept: dict[tuple, Entry] = {}
+    for e in entries:
+        key = (e.base, tuple(o for o in e.overrides if o.split("=", 1)[0] not in CONTENT_ONLY_KEYS))
+        if key in kept:
+            log(f"experiment {name}: {e.label} left out: {dataset} has no content features, so it trains "
+                f"the same model as {kept[key].label}")
+        else:
+            kept[key] = e
+    return list(kept.values())
+
+
 def entry_configs(entries: list[Entry], seed: int, raw: dict[str, Any], sets: list[str],
                   source: str = "config") -> dict[str, Config]:
     """One run :class:`Config` per entry label: the base entry's config as ``compare`` builds it (shared

@@ -17,7 +17,8 @@ import pandas as pd
 
 from m3bsr import compare
 from m3bsr.data.noise import NoiseSpec, inject_noise
-from m3bsr.experiments.base import Context, Job, figure_bytes, jobs_for, md_table, pyplot, run_jobs, write_outputs
+from m3bsr.experiments.base import Context, Job, figure_bytes, jobs_for, md_table, pyplot, run_jobs, \
+    without_content_switches, write_outputs
 
 NAME = "noise"
 METRIC = "NDCG@10"
@@ -73,7 +74,8 @@ def plot(mean: pd.DataFrame, std: pd.DataFrame, kinds: list[str], labels: list[s
 
 def run(ctx: Context) -> pd.DataFrame:
     """Write the noisy datasets, train (or reuse) every entry x seed x level, then the outputs."""
-    entries = ctx.entries(ctx.settings.noise.models)
+    entries = without_content_switches(ctx.entries(ctx.settings.noise.models), ctx.dataset,
+                                       ctx.progress or ctx.log, NAME)
     points = datasets(ctx)
     jobs: list[Job] = []
     for slug in dict.fromkeys(p[2] for p in points):
