@@ -27,7 +27,7 @@ def entries(ctx: Context) -> list[Entry]:
     extra = [f"{sw}=true" for sw in s.switches] + list(s.variants)
     for text in extra:
         out.append(parse_entry(f"{base.label}+{text}"))
-    return without_content_switches(out, ctx.dataset, ctx.progress or ctx.log, NAME)
+    return without_content_switches(out, ctx.dataset, ctx.progress or ctx.log)
 
 
 def claims(mean: pd.DataFrame, full: str, switched: list[str]) -> list[dict]:

@@ -74,8 +74,7 @@ def parse_entries(items: list[str] | str) -> list[Entry]:
 CONTENT_ONLY_KEYS = ("model.no_cdmd_m", "model.modality_denoiser")
 
 
-def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[[str], None],
-                             name: str) -> list[Entry]:
+def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[[str], None]) -> list[Entry]:
     """``entries`` less those that would train an earlier entry's model again on ``dataset``.
 
     Without content features a model never builds CDMD-M, so an entry that differs from an earlier one
@@ -90,8 +89,8 @@ def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[
     for e in entries:
         key = (e.base, tuple(o for o in e.overrides if o.split("=", 1)[0] not in CONTENT_ONLY_KEYS))
         if key in kept:
-            log(f"experiment {name}: {e.label} left out: {dataset} has no content features, so it trains "
-                f"the same model as {kept[key].label}")
+            log(f"{e.label} left out: {dataset} has no content features, so it trains the same model as "
+                f"{kept[key].label}")
         else:
             kept[key] = e
     return list(kept.values())

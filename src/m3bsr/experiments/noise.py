@@ -75,7 +75,7 @@ def plot(mean: pd.DataFrame, std: pd.DataFrame, kinds: list[str], labels: list[s
 def run(ctx: Context) -> pd.DataFrame:
     """Write the noisy datasets, train (or reuse) every entry x seed x level, then the outputs."""
     entries = without_content_switches(ctx.entries(ctx.settings.noise.models), ctx.dataset,
-                                       ctx.progress or ctx.log, NAME)
+                                       ctx.progress or ctx.log)
     points = datasets(ctx)
     jobs: list[Job] = []
     for slug in dict.fromkeys(p[2] for p in points):
