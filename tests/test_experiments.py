@@ -132,6 +132,32 @@ def test_report_embeds_every_figure_and_links_them_in_markdown(tmp_path, capsys)
     assert "no experiment.json" in capsys.readouterr().err
 
 
+def test_report_names_each_sections_dataset_and_counts_its_claims(tmp_path):
+    dirs = []
+    for folder, data, verdicts in (("a", "data/synthetic", [True, False, None]), ("b", "data/ml100k_mm", [True]),
+                                   ("c", "/x/ml100k_mm", [])):
+        d = tmp_path / folder
+        d.mkdir()
+        (d / "ablation.md").write_text("## Ablation (paper Figure 3)\n\ntext\n")
+        claims = [{"claim": f"c{i}", "held": v, "evidence": ""} for i, v in enumerate(verdicts)]
+        (d / "experiment.json").write_text(json.dumps({"name": "ablation", "dataset": data, "claims": claims}))
+        dirs.append(d)
+    out = tmp_path / "report"
+    assert cli_main(["report", *map(str, dirs), "--out", str(out)]) == 0
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    # two sections on one dataset: their folders tell them apart
+    assert heads == ["## Ablation (paper Figure 3): synthetic", "## Ablation (paper Figure 3): ml100k_mm (b)",
+                     "## Ablation (paper Figure 3): ml100k_mm (c)"]
+    # one distinct id per section, each linked from the contents list with its claim count
+    assert "1. [Ablation (paper Figure 3): synthetic](#ablation-synthetic) (1 of 2 held)" in md
+    assert "2. [Ablation (paper Figure 3): ml100k_mm (b)](#ablation-ml100k-mm) (1 of 1 held)" in md
+    assert "3. [Ablation (paper Figure 3): ml100k_mm (c)](#ablation-ml100k-mm-2)\n" in md
+    for a in ("ablation-synthetic", "ablation-ml100k-mm", "ablation-ml100k-mm-2"):
+        assert md.count(f'<a id="{a}"></a>') == 1 and page.count(f'<section id="{a}">') == 1
+        assert f'href="#{a}"' in page
+
+
 def test_noise_trains_every_model_at_every_level_on_noisy_copies(tiny, tmp_path):
     out = tmp_path / "noise"
     table = experiment("noise", tiny, out, "--seeds", "0", "--models", "m3bsr,pop",
