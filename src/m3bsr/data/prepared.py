@@ -122,11 +122,11 @@ class PreparedDataset:
             side_sizes=side_sizes,
         )
 
-    @classmethod
-    def load(cls, root: str | Path) -> "PreparedDataset":
-        """Read a prepared directory. Raises :class:`InputError` if it is not one."""
-        root = Path(root)
-        manifest_path = checks.prepared_dir(root) / "manifest.json"
+    @staticmethod
+    def read_manifest(root: str | Path) -> dict:
+        """The manifest of a prepared directory, without reading its tables (its ``features`` key lists
+        the content modalities). Raises :class:`InputError` if ``root`` is not one this version reads."""
+        manifest_path = checks.prepared_dir(Path(root)) / "manifest.json"
         try:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as e:
@@ -136,6 +136,13 @@ class PreparedDataset:
         if version != SCHEMA_VERSION:
             raise input_error(str(manifest_path), f"schema_version {version!r}, this m3bsr reads {SCHEMA_VERSION}",
                               "Re-run `m3bsr prepare` with this version")
+        return manifest
+
+    @classmethod
+    def load(cls, root: str | Path) -> "PreparedDataset":
+        """Read a prepared directory. Raises :class:`InputError` if it is not one."""
+        root = Path(root)
+        manifest = cls.read_manifest(root)
         features, masks = {}, {}
         for m in manifest.get("features", {}):
             features[m] = np.load(root / "features" / f"{m}.npy", allow_pickle=False)

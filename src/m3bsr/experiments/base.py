@@ -83,7 +83,7 @@ def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[
     """
     from m3bsr.data.prepared import PreparedDataset
 
-    if PreparedDataset.load(dataset).features:
+    if PreparedDataset.read_manifest(dataset).get("features"):
         return entries
     kept: dict[tuple, Entry] = {}
     for e in entries:
