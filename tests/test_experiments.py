@@ -226,6 +226,21 @@ def test_sensitivity_heat_map_cells_and_shared_default_cell(tiny, tmp_path):
     assert sum(c["claim"].endswith("across the grid") for c in meta["claims"]) == 2
 
 
+def test_sensitivity_on_data_without_content_leaves_out_the_cdmd_m_grid(tmp_path, capsys):
+    bare = make_tiny_prepared(tmp_path / "bare", n_users=24, n_items=40, dims={})
+    out = tmp_path / "sens"
+    table = experiment("sensitivity", bare, out, "--seeds", "0", "--set",
+                       'sensitivity.grids={a: "T_b=5,10 lambda_b=0.02", m: "T_m=5,10 lambda_m=0.02"}')
+    # without content CDMD-M is never built: T_m and lambda_m change nothing, so grid m is not trained
+    assert set(table["grid"]) == {"a"}
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["m3bsr@paper+T_b=5-s0", "m3bsr@paper-s0"]
+    assert (f"experiment sensitivity: grid m left out: {bare} has no content features, so every cell trains "
+            "the same model as m3bsr@paper") in capsys.readouterr().out.splitlines()
+    code = cli_main(["experiment", "sensitivity", "--dataset", str(bare), "--out", str(tmp_path / "none"), *TINY,
+                     "--set", 'sensitivity.grids={m: "T_m=5,10 lambda_m=0.02"}'])
+    assert code == 2 and "every grid varies content-only keys" in capsys.readouterr().err
+
+
 def test_sensitivity_seed_noise_against_hand_computed_anova():
     """Cells [1, 3] and [2, 5] (seeds 0, 1): SS cells 2.25, SS seeds 6.25, SS total 8.75, so SS residual 0.25
     and F = 2.25 / 0.25 = 9 on (1, 1) df, whose p is the two-sided Cauchy tail at 3: 1 - 2 arctan(3) / pi."""

@@ -70,8 +70,16 @@ def parse_entries(items: list[str] | str) -> list[Entry]:
     return entries
 
 
-# keys that change only how a model reads item content (CDMD-M or the MLP in its place)
-CONTENT_ONLY_KEYS = ("model.no_cdmd_m", "model.modality_denoiser")
+# keys that change only how a model reads item content (CDMD-M, its steps and loss weight, or the MLP in
+# its place): without content features a model never builds CDMD-M, so they change nothing
+CONTENT_ONLY_KEYS = ("model.no_cdmd_m", "model.modality_denoiser", "model.T_m", "model.lambda_m")
+
+
+def has_content(dataset: Path) -> bool:
+    """Whether the prepared ``dataset`` has content features (read from its manifest alone)."""
+    from m3bsr.data.prepared import PreparedDataset
+
+    return bool(PreparedDataset.read_manifest(dataset).get("features"))
 
 
 def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[[str], None]) -> list[Entry]:
@@ -81,9 +89,7 @@ def without_content_switches(entries: list[Entry], dataset: Path, log: Callable[
     only in :data:`CONTENT_ONLY_KEYS` (``m3bsr@paper+no_cdmd_m=true`` beside ``m3bsr@paper``) is the same
     model: it is left out with one line rather than trained and drawn as if it were an ablation.
     """
-    from m3bsr.data.prepared import PreparedDataset
-
-    if PreparedDataset.read_manifest(dataset).get("features"):
+    if has_content(dataset):
         return entries
     kept: dict[tuple, Entry] = {}
     for e in entries:

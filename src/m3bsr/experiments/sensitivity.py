@@ -19,8 +19,8 @@ import pandas as pd
 
 from m3bsr.config import parse_override
 from m3bsr.errors import input_error
-from m3bsr.experiments.base import Context, Entry, entry_configs, figure_bytes, jobs_for, parse_entry, pyplot, \
-    run_jobs, write_outputs
+from m3bsr.experiments.base import CONTENT_ONLY_KEYS, Context, Entry, entry_configs, figure_bytes, has_content, \
+    jobs_for, parse_entry, pyplot, run_jobs, write_outputs
 
 NAME = "sensitivity"
 
@@ -67,13 +67,19 @@ def seed_noise(values: list[list[float]]) -> tuple[float, float, float] | None:
 
 def grid_entries(ctx: Context) -> tuple[Entry, dict[str, tuple[tuple[str, list], tuple[str, list], dict]]]:
     """The base entry, and per grid: its two axes and {(i, j): entry}; overrides equal to the base's value
-    are dropped, so the default cell is the base entry."""
+    are dropped, so the default cell is the base entry. On data without content features a grid over
+    content-only keys (T_m x lambda_m) would train the base model in every cell: it is left out with one line."""
     s = ctx.settings.sensitivity
     base = parse_entry(ctx.models[0] if ctx.models else s.model)
     base_cfg = entry_configs([base], ctx.seeds[0], ctx.raw, ctx.sets, ctx.source)[base.label].to_dict()
+    content = has_content(ctx.dataset)
     grids = {}
     for name, axes in s.grids.items():
         a, b = parse_axes(axes, name)
+        if not content and a[0] in CONTENT_ONLY_KEYS and b[0] in CONTENT_ONLY_KEYS:
+            (ctx.progress or ctx.log)(f"grid {name} left out: {ctx.dataset} has no content features, so every "
+                                      f"cell trains the same model as {base.label}")
+            continue
         cells = {}
         for (i, va), (j, vb) in itertools.product(enumerate(a[1]), enumerate(b[1])):
             parts = []
@@ -85,6 +91,10 @@ def grid_entries(ctx: Context) -> tuple[Entry, dict[str, tuple[tuple[str, list],
                     parts.append(f"{key}={v}")
             cells[i, j] = parse_entry("+".join([base.label, *parts]))
         grids[name] = (a, b, cells)
+    if not grids:
+        raise input_error(f"sensitivity.grids of {ctx.dataset}", "every grid varies content-only keys and the "
+                          "dataset has no content features", "Give a grid over other keys with --set "
+                          "'sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}'")
     return base, grids
 
 
