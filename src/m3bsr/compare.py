@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from m3bsr import atomic
+from m3bsr.checks import prepared_dir
 from m3bsr.config import Config, build_config, parse_override, read_yaml
 from m3bsr.engine.metrics import metric_names
 from m3bsr.errors import InputError, input_error
@@ -248,10 +249,7 @@ def run_compare(dataset: Path, models: list[str], seeds: list[int], *, out: Path
     Before each run ``progress`` (default: ``log``) gets ``[4/6] sasrec seed 1`` and, once a run has
     trained, the ETA of the rest (:class:`~m3bsr.progress.RunProgress`, timed by ``clock``)."""
     progress = log if progress is None else progress
-    dataset, out = Path(dataset), Path(out)
-    if not (dataset / "manifest.json").is_file():
-        raise input_error(str(dataset), "not a prepared dataset (no manifest.json)",
-                          "Run `m3bsr prepare SOURCE --out DIR` first")
+    dataset, out = prepared_dir(dataset), Path(out)
     configs = {s: model_configs(raw or {}, models, s, list(sets), source) for s in seeds}  # validate all first
     modes = data_modes(dataset, configs[seeds[0]])  # the seed changes no mode
     for m, mode in modes.items():

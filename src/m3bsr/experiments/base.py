@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from m3bsr import atomic, compare
+from m3bsr.checks import prepared_dir
 from m3bsr.config import Config, build_config, parse_override
 from m3bsr.errors import input_error
 from m3bsr.experiments.config import STARTS, ExperimentSettings
@@ -166,16 +167,10 @@ class Job:
     run_dir: Path
 
 
-def check_dataset(dataset: Path) -> None:
-    if not (Path(dataset) / "manifest.json").is_file():
-        raise input_error(str(dataset), "not a prepared dataset (no manifest.json)",
-                          "Run `m3bsr prepare SOURCE --out DIR` first")
-
-
 def jobs_for(ctx: Context, entries: list[Entry], dataset: Path, runs: Path, key: tuple = ()) -> list[Job]:
     """Every entry x seed on ``dataset``, run directories ``runs/<label>-s<seed>``; the data modes are
     checked first (a model that cannot run on the dataset stops everything with one line)."""
-    check_dataset(dataset)
+    prepared_dir(dataset)
     jobs = []
     for s in ctx.seeds:
         cfgs = entry_configs(entries, s, ctx.raw, ctx.sets, ctx.source)
