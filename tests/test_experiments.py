@@ -234,11 +234,23 @@ def test_sensitivity_on_data_without_content_leaves_out_the_cdmd_m_grid(tmp_path
     # without content CDMD-M is never built: T_m and lambda_m change nothing, so grid m is not trained
     assert set(table["grid"]) == {"a"}
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["m3bsr@paper+T_b=5-s0", "m3bsr@paper-s0"]
-    assert (f"experiment sensitivity: grid m left out: {bare} has no content features, so every cell trains "
-            "the same model as m3bsr@paper") in capsys.readouterr().out.splitlines()
+    assert (f"experiment sensitivity: grid m left out: T_m and lambda_m change nothing in m3bsr@paper on {bare} "
+            "(no content features, so no CDMD-M), so every cell would train it again"
+            ) in capsys.readouterr().out.splitlines()
     code = cli_main(["experiment", "sensitivity", "--dataset", str(bare), "--out", str(tmp_path / "none"), *TINY,
                      "--set", 'sensitivity.grids={m: "T_m=5,10 lambda_m=0.02"}'])
-    assert code == 2 and "every grid varies content-only keys" in capsys.readouterr().err
+    assert code == 2 and "every grid varies keys that change nothing in this model" in capsys.readouterr().err
+
+
+def test_sensitivity_of_the_default_preset_refuses_the_papers_grids(tiny, tmp_path, capsys):
+    # the default preset builds no specific experts, so none of the paper's six keys changes it
+    code = cli_main(["experiment", "sensitivity", "--dataset", str(tiny), "--out", str(tmp_path / "s"), *TINY,
+                     "--models", "m3bsr"])
+    said = capsys.readouterr()
+    assert code == 2 and not (tmp_path / "s" / "runs").exists()
+    assert sum(f"change nothing in m3bsr on {tiny} (no_specific_experts=true" in line
+               for line in said.out.splitlines()) == 3
+    assert "(the paper's grids need m3bsr@paper)" in said.err
 
 
 def test_sensitivity_seed_noise_against_hand_computed_anova():

@@ -242,6 +242,36 @@ def test_each_ablation_removes_its_modules_and_loss_term(flag):
         assert model.meie.n_experts == 6 and "meie.common" not in names
 
 
+# a value other than either preset's for every key that M3BSRConfig.inert_keys may name
+OTHER_VALUE = {"no_cdmd_m": "true", "modality_denoiser": "mlp", "T_m": "5", "lambda_m": "0.5", "T_b": "5",
+               "lambda_b": "0.5", "no_cdmd_b": "true", "no_disentangle": "true", "infer_steps": "3",
+               "beta_start": "0.01", "beta_end": "0.2", "diffusion_loss": "literal", "denoise_output": "none",
+               "tau": "0.9", "lambda_c": "0.5", "contrast": "literal"}
+
+
+def _training_loss(*overrides: str, content: bool) -> Tensor:
+    model = make_model(*overrides, content=content).train()
+    torch.manual_seed(1)  # the same dropout and diffusion draws for every variant
+    return sum(model.loss(make_batch()).values())
+
+
+@pytest.mark.parametrize("base, content", [((), True), ((PAPER,), False), ((PAPER, "model.no_cdmd_b=true"), True),
+                                           ((PAPER, "model.modality_denoiser=mlp"), True),
+                                           ((PAPER, "model.no_disentangle=true"), True)],
+                         ids=["default", "paper-id-only", "paper-no_cdmd_b", "paper-mlp", "paper-no_disentangle"])
+def test_inert_keys_change_nothing_and_the_others_do(base, content):
+    cfg = build_config(model="m3bsr", overrides=list(base)).model
+    inert = cfg.inert_keys(content)
+    assert set(inert) <= set(OTHER_VALUE) and all(inert.values())
+    ref = _training_loss(*base, content=content)
+    for key in inert:
+        if key == "no_cdmd_m" and cfg.modality_denoiser == "mlp":
+            continue  # the config refuses both at once
+        assert torch.equal(_training_loss(*base, f"model.{key}={OTHER_VALUE[key]}", content=content), ref), key
+    for key in {"T_m", "lambda_m", "T_b", "lambda_b", "tau", "lambda_c"} - set(inert):  # the paper's grids
+        assert not torch.equal(_training_loss(*base, f"model.{key}={OTHER_VALUE[key]}", content=content), ref), key
+
+
 def _denoiser_input_rms_while_training_eps_loss_only(steps: int = 120) -> list[float]:
     model = make_model(PAPER, "model.dropout=0.0").train()
     seen = []

@@ -2,7 +2,8 @@
 with the value in every cell (and, with several seeds, their std below it). Default: T_b x lambda_b,
 T_m x lambda_m, tau x lambda_c, 3 x 3 each around the defaults; another grid:
 ``--set "sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}"``.
-A cell whose values equal the base model's is the base run itself, shared by every grid.
+A cell whose values equal the base model's is the base run itself, shared by every grid. A grid over two
+keys that the base model does not read (its ``inert_keys``) is left out with one line.
 
 Claim checked: the metric varies by at most ``spread`` (paper: 1.6 %) across each grid:
 (max - min) / max of the cell means. With two or more seeds the evidence also states the seed noise
@@ -13,14 +14,15 @@ std, and an ANOVA p-value, seeds as blocks, for "the cells differ by more than s
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from m3bsr.config import parse_override
+from m3bsr.config import Config, parse_override
 from m3bsr.errors import input_error
-from m3bsr.experiments.base import CONTENT_ONLY_KEYS, Context, Entry, entry_configs, figure_bytes, has_content, \
-    jobs_for, parse_entry, pyplot, run_jobs, write_outputs
+from m3bsr.experiments.base import Context, Entry, entry_configs, figure_bytes, has_content, jobs_for, \
+    parse_entry, pyplot, run_jobs, write_outputs
 
 NAME = "sensitivity"
 
@@ -67,18 +69,22 @@ def seed_noise(values: list[list[float]]) -> tuple[float, float, float] | None:
 
 def grid_entries(ctx: Context) -> tuple[Entry, dict[str, tuple[tuple[str, list], tuple[str, list], dict]]]:
     """The base entry, and per grid: its two axes and {(i, j): entry}; overrides equal to the base's value
-    are dropped, so the default cell is the base entry. On data without content features a grid over
-    content-only keys (T_m x lambda_m) would train the base model in every cell: it is left out with one line."""
+    are dropped, so the default cell is the base entry. A grid whose two keys are both inert for the base
+    model (:func:`inert_keys`: T_m x lambda_m on data without content, every paper grid for the default
+    preset, which builds no specific experts) would train the base model in every cell: it is left out
+    with one line."""
     s = ctx.settings.sensitivity
     base = parse_entry(ctx.models[0] if ctx.models else s.model)
-    base_cfg = entry_configs([base], ctx.seeds[0], ctx.raw, ctx.sets, ctx.source)[base.label].to_dict()
-    content = has_content(ctx.dataset)
+    cfg = entry_configs([base], ctx.seeds[0], ctx.raw, ctx.sets, ctx.source)[base.label]
+    base_cfg = cfg.to_dict()
+    inert = inert_keys(cfg, ctx.dataset)
     grids = {}
     for name, axes in s.grids.items():
         a, b = parse_axes(axes, name)
-        if not content and a[0] in CONTENT_ONLY_KEYS and b[0] in CONTENT_ONLY_KEYS:
-            (ctx.progress or ctx.log)(f"grid {name} left out: {ctx.dataset} has no content features, so every "
-                                      f"cell trains the same model as {base.label}")
+        if a[0] in inert and b[0] in inert:
+            keys = " and ".join(k.removeprefix("model.") for k in (a[0], b[0]))
+            (ctx.progress or ctx.log)(f"grid {name} left out: {keys} change nothing in {base.label} on "
+                                      f"{ctx.dataset} ({inert[a[0]]}), so every cell would train it again")
             continue
         cells = {}
         for (i, va), (j, vb) in itertools.product(enumerate(a[1]), enumerate(b[1])):
@@ -92,10 +98,18 @@ def grid_entries(ctx: Context) -> tuple[Entry, dict[str, tuple[tuple[str, list],
             cells[i, j] = parse_entry("+".join([base.label, *parts]))
         grids[name] = (a, b, cells)
     if not grids:
-        raise input_error(f"sensitivity.grids of {ctx.dataset}", "every grid varies content-only keys and the "
-                          "dataset has no content features", "Give a grid over other keys with --set "
-                          "'sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}'")
+        raise input_error(f"sensitivity.grids for {base.label} on {ctx.dataset}", "every grid varies keys that "
+                          "change nothing in this model", "Give a grid over other keys with --set "
+                          "'sensitivity.grids={NAME: model.KEY=V1,V2 model.KEY=V1,V2}', or another model with "
+                          "--models (the paper's grids need m3bsr@paper)")
     return base, grids
+
+
+def inert_keys(cfg: Config, dataset: Path) -> dict[str, str]:
+    """``model.KEY`` → why it changes nothing for the model of ``cfg`` on ``dataset``
+    (:meth:`~m3bsr.models.configs.M3BSRConfig.inert_keys`; empty for a model without that method)."""
+    keys = getattr(cfg.model, "inert_keys", None)
+    return {} if keys is None else {f"model.{k}": why for k, why in keys(has_content(dataset)).items()}
 
 
 def run(ctx: Context) -> pd.DataFrame:

@@ -135,6 +135,30 @@ class M3BSRConfig(BaseModelConfig):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         return self
 
+    def inert_keys(self, content: bool) -> dict[str, str]:
+        """The keys of the paper's parts that change nothing here, each with why: this configuration does
+        not build the part that reads them (models/m3bsr.py), e.g. ``T_b`` without CDMD-B, ``tau``
+        without MEIE's disentanglement loss. ``content``: whether the data has content features (CDMD-M
+        needs them). An experiment that varies only these keys would train this model again."""
+        if self.no_specific_experts:  # the backbone alone: no denoiser, no MEIE
+            return dict.fromkeys(("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m", "T_b", "lambda_b", "no_cdmd_b",
+                                  "no_disentangle", "infer_steps", "beta_start", "beta_end",
+                                  "diffusion_loss", "denoise_output", "tau", "lambda_c", "contrast"),
+                                 "no_specific_experts=true builds none of the paper's parts")
+        inert: dict[str, str] = {}
+        if not content:
+            inert |= dict.fromkeys(("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m"),
+                                   "no content features, so no CDMD-M")
+        elif self.no_cdmd_m or self.modality_denoiser == "mlp":
+            inert |= dict.fromkeys(("T_m", "lambda_m"), "no_cdmd_m=true" if self.no_cdmd_m else
+                                   "modality_denoiser=mlp has no diffusion and no loss of its own")
+        if self.no_cdmd_b:
+            inert |= dict.fromkeys(("T_b", "lambda_b"), "no_cdmd_b=true")
+        if self.no_meie or self.no_disentangle:
+            inert |= dict.fromkeys(("tau", "lambda_c", "contrast"),
+                                   "no_meie=true" if self.no_meie else "no_disentangle=true")
+        return inert
+
 
 # --------------------------------------------------------------------------- baselines
 
