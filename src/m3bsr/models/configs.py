@@ -141,8 +141,8 @@ class M3BSRConfig(BaseModelConfig):
         without MEIE's disentanglement loss. ``content``: whether the data has content features (CDMD-M
         needs them). An experiment that varies only these keys would train this model again."""
         if self.no_specific_experts:  # the backbone alone: no denoiser, no MEIE
-            return dict.fromkeys(("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m", "T_b", "lambda_b", "no_cdmd_b",
-                                  "no_disentangle", "infer_steps", "beta_start", "beta_end",
+            return dict.fromkeys(("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m", "T_b", "lambda_b",
+                                  "no_cdmd_b", "no_disentangle", "infer_steps", "beta_start", "beta_end",
                                   "diffusion_loss", "denoise_output", "tau", "lambda_c", "contrast"),
                                  "no_specific_experts=true builds none of the paper's parts")
         inert: dict[str, str] = {}
