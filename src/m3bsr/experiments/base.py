@@ -24,6 +24,7 @@ from m3bsr.checks import prepared_dir
 from m3bsr.config import Config, build_config, parse_override
 from m3bsr.errors import input_error
 from m3bsr.experiments.config import STARTS, ExperimentSettings
+from m3bsr.models.configs import CDMD_M_KEYS
 from m3bsr.progress import RunProgress
 
 if TYPE_CHECKING:  # annotations only: `m3bsr experiment` checks its configs before pandas loads
@@ -71,9 +72,8 @@ def parse_entries(items: list[str] | str) -> list[Entry]:
     return entries
 
 
-# keys that change only how a model reads item content (CDMD-M, its steps and loss weight, or the MLP in
-# its place): without content features a model never builds CDMD-M, so they change nothing
-CONTENT_ONLY_KEYS = ("model.no_cdmd_m", "model.modality_denoiser", "model.T_m", "model.lambda_m")
+# keys that change only how a model reads item content: without content features they change nothing
+CONTENT_ONLY_KEYS = tuple(f"model.{k}" for k in CDMD_M_KEYS)
 
 
 def has_content(dataset: Path) -> bool:

@@ -15,6 +15,10 @@ from pydantic import Field, model_validator
 
 from m3bsr.config import BaseModelConfig
 
+CDMD_M_KEYS = ("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m")
+"""M3BSR keys read only by CDMD-M (or the MLP in its place), which needs content features: on data without
+them these change nothing (:meth:`M3BSRConfig.inert_keys`)."""
+
 InputMode = Literal["merged", "target"]
 """What a single-stream baseline reads: both behavior streams merged by time, or the target stream only."""
 
@@ -140,23 +144,21 @@ class M3BSRConfig(BaseModelConfig):
         not build the part that reads them (models/m3bsr.py), e.g. ``T_b`` without CDMD-B, ``tau``
         without MEIE's disentanglement loss. ``content``: whether the data has content features (CDMD-M
         needs them). An experiment that varies only these keys would train this model again."""
+        cdmd_b, contrast = ("T_b", "lambda_b"), ("tau", "lambda_c", "contrast")
         if self.no_specific_experts:  # the backbone alone: no denoiser, no MEIE
-            return dict.fromkeys(("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m", "T_b", "lambda_b",
-                                  "no_cdmd_b", "no_disentangle", "infer_steps", "beta_start", "beta_end",
-                                  "diffusion_loss", "denoise_output", "tau", "lambda_c", "contrast"),
-                                 "no_specific_experts=true builds none of the paper's parts")
+            return dict.fromkeys(CDMD_M_KEYS + cdmd_b + contrast + (
+                "no_cdmd_b", "no_disentangle", "infer_steps", "beta_start", "beta_end", "diffusion_loss",
+                "denoise_output"), "no_specific_experts=true builds none of the paper's parts")
         inert: dict[str, str] = {}
         if not content:
-            inert |= dict.fromkeys(("no_cdmd_m", "modality_denoiser", "T_m", "lambda_m"),
-                                   "no content features, so no CDMD-M")
+            inert |= dict.fromkeys(CDMD_M_KEYS, "no content features, so no CDMD-M")
         elif self.no_cdmd_m or self.modality_denoiser == "mlp":
             inert |= dict.fromkeys(("T_m", "lambda_m"), "no_cdmd_m=true" if self.no_cdmd_m else
                                    "modality_denoiser=mlp has no diffusion and no loss of its own")
         if self.no_cdmd_b:
-            inert |= dict.fromkeys(("T_b", "lambda_b"), "no_cdmd_b=true")
+            inert |= dict.fromkeys(cdmd_b, "no_cdmd_b=true")
         if self.no_meie or self.no_disentangle:
-            inert |= dict.fromkeys(("tau", "lambda_c", "contrast"),
-                                   "no_meie=true" if self.no_meie else "no_disentangle=true")
+            inert |= dict.fromkeys(contrast, "no_meie=true" if self.no_meie else "no_disentangle=true")
         return inert
 
 
