@@ -42,6 +42,7 @@ from m3bsr.engine import distributed
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
+from m3bsr.engine.optim import EagerAdam
 from m3bsr.engine.runs import RunDir, RunLog, default_run_dir, exists_error, format_table, resume_command
 from m3bsr.engine.tracking import Tracker, check_available, open_trackers
 from m3bsr.errors import InputError, Interrupted, input_error
@@ -246,7 +247,7 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
     seed_everything(cfg.seed)
     model = build_model(cfg.model, catalogue).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = (EagerAdam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
                  if params else None)  # e.g. pop: buffers only
     train_windows = builder.train_windows()
     attach_loss_sampler(cfg, model, train_windows, device)

@@ -39,6 +39,7 @@ def measure(run_dir: str, steps: int, predictions: int, device: str = "cpu") -> 
     import torch
 
     from m3bsr.data.batches import WindowBuilder, iterate_batches
+    from m3bsr.engine.optim import EagerAdam
     from m3bsr.serving.recommend import Recommender
 
     rec = Recommender.from_run(run_dir, device=device)
@@ -47,7 +48,7 @@ def measure(run_dir: str, steps: int, predictions: int, device: str = "cpu") -> 
     peak = float("nan")
     if params:
         windows = WindowBuilder(rec.dataset, cfg.data.max_len).train_windows()
-        opt = torch.optim.Adam(params, lr=cfg.train.lr)
+        opt = EagerAdam(params, lr=cfg.train.lr)  # the optimizer training uses
         cuda = torch.device(device).type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
