@@ -12,7 +12,6 @@ each phase, in the order a run meets them:
 
     torch          ``import torch``
     data stack     the training module's imports (pandas, pyarrow, pydantic, tqdm, the package)
-    dynamo         ``torch._dynamo``, which ``torch.optim`` imports with the first optimizer
     session        data, windows, model and optimizer (``engine.train.open_session``)
     forward        the first batch's loss; ``saved`` = bytes autograd keeps for backward (distinct
                    storages, from ``saved_tensors_hooks``), with the three largest call sites
@@ -66,8 +65,6 @@ def worker(args) -> dict:
     from m3bsr.engine.evaluate import evaluate
     from m3bsr.engine.train import TrainState, open_session, train_step
     out["data stack"] = status_mb()
-    import torch._dynamo  # noqa: F401  (what torch.optim would import a moment later)
-    out["dynamo"] = status_mb()
 
     cfg = build_config(model=args.model, overrides=[f"train.batch_size={args.batch}", "train.device=cpu",
                                                     f"seed={args.seed}", *args.sets])
@@ -111,6 +108,7 @@ def worker(args) -> dict:
         train_step(s, batch, state)
         validate()
     out[f"step {args.steps}"] = status_mb()
+    out["dynamo"] = "torch._dynamo" in sys.modules  # ~70 MB that training avoids (m3bsr.engine.optim)
     out["saved"] = sum(sites.values()) / 2**20
     out["sites"] = [(site, n / 2**20) for site, n in sites.most_common(3)]
     out["windows"] = len(first.users)
@@ -149,9 +147,9 @@ def main() -> None:
         print(json.dumps(worker(args)))
         return
 
-    phases = ["torch", "data stack", "dynamo", "session", "forward", "step 1", "valid", f"step {args.steps}"]
+    phases = ["torch", "data stack", "session", "forward", "step 1", "valid", f"step {args.steps}"]
     head = f"{'model':<8} {'batch':>5} {'windows':>7} " + " ".join(f"{p:>10}" for p in phases)
-    head += f" {'saved':>6} {'fixed':>6} {'retained':>8}  largest saved call sites (MB)"
+    head += f" {'saved':>6} {'fixed':>6} {'retained':>8} {'dynamo':>6}  largest saved call sites (MB)"
     print(head)
     print("-" * len(head))
     for model in args.models.split(","):
@@ -159,14 +157,15 @@ def main() -> None:
             r = measure(args, model, batch, fixed=False)
             fixed = measure(args, model, batch, fixed=True)
             peak, fixed_peak = r[phases[-1]][1], fixed[phases[-1]][1]
-            cells = " ".join(f"{r[p][0] if p in ('torch', 'data stack', 'dynamo', 'session') else r[p][1]:>10}"
+            cells = " ".join(f"{r[p][0] if p in ('torch', 'data stack', 'session') else r[p][1]:>10}"
                              for p in phases)
             sites = ", ".join(f"{site} {mb:.1f}" for site, mb in r["sites"])
             print(f"{model:<8} {batch:>5} {r['windows']:>7} {cells} {r['saved']:>6.1f} {fixed_peak:>6} "
-                  f"{peak - fixed_peak:>8}  {sites}")
+                  f"{peak - fixed_peak:>8} {'yes' if r['dynamo'] else 'no':>6}  {sites}")
     print("\nMB, cumulative: RSS after the import and session phases, peak RSS (VmHWM) from the forward on; "
           "saved = tensors kept for backward by the first forward; fixed = the last peak with "
-          "MALLOC_MMAP_THRESHOLD_=262144; retained = the last peak minus fixed.")
+          "MALLOC_MMAP_THRESHOLD_=262144; retained = the last peak minus fixed; dynamo = whether "
+          "torch._dynamo was imported (it should not be: it costs ~70 MB).")
 
 
 if __name__ == "__main__":
