@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import torch
 
 from m3bsr.engine.optim import EagerAdam
@@ -75,23 +71,3 @@ def test_hooks_run_once_per_step():
     _step(model, opt, x, y)
     _step(model, opt, x, y)
     assert calls == ["pre", "post", "pre", "post"]
-
-
-def test_a_training_run_and_its_resume_never_import_dynamo(tiny_prepared, tmp_path):
-    """In a fresh process (this one may have imported torch._dynamo already): train two epochs, resume
-    for one more; torch._dynamo (~70 MB, 2.4 s) must never be imported."""
-    script = textwrap.dedent(f"""
-        import sys
-        import torch
-        torch.set_num_threads(1)
-        from m3bsr.config import build_config
-        from m3bsr.engine.train import resume, train
-        cfg = build_config(model="m3bsr", overrides=["train.max_epochs=2", "model.hidden_size=16",
-                                                     "model.n_heads=1"])
-        train(cfg, {str(tiny_prepared)!r}, {str(tmp_path / "run")!r}, quiet=True)
-        resume({str(tmp_path / "run")!r}, ["train.max_epochs=3"], quiet=True)
-        print("dynamo imported:", "torch._dynamo" in sys.modules)
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "dynamo imported: False"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from typing import Literal
 
 import numpy as np
@@ -329,3 +333,26 @@ def test_bucketed_training_is_seeded_and_resumes_exactly(tiny_prepared, tmp_path
     plain = train(cfg_for(), tiny_prepared, tmp_path / "p", quiet=True)
     assert plain["valid"] != straight["valid"]
     assert "padding trimmed" not in (tmp_path / "p" / "train.log").read_text()
+
+
+def test_a_training_process_imports_neither_dynamo_nor_pandas(tiny_prepared, tmp_path):
+    """In a fresh process (this one has imported both): train two epochs through the CLI, then resume
+    for a third. ``torch._dynamo`` (~70 MB, imported by torch.optim's guards; m3bsr.engine.optim) and
+    pandas (~40 MB, imported by pyarrow's NumPy conversions; m3bsr.arrow) must stay out."""
+    run = tmp_path / "run"
+    script = textwrap.dedent(f"""
+        import sys
+        from m3bsr.cli import main
+        for argv in (["train", "--model", "m3bsr", "--dataset", {str(tiny_prepared)!r}, "--out", {str(run)!r},
+                      "--quiet", "--set", "train.max_epochs=2", "--set", "model.hidden_size=16",
+                      "--set", "model.n_heads=1"],
+                     ["train", "--resume", {str(run)!r}, "--quiet", "--set", "train.max_epochs=3"]):
+            code = main(argv)
+            assert not code, code
+        print("imported:", sorted(m for m in ("torch._dynamo", "pandas") if m in sys.modules))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "imported: []"
+    assert json.loads((run / "metrics.json").read_text())["epochs"] == 3

@@ -76,17 +76,16 @@ class _UserEvents:
     """Per-user CSR view of ``events.parquet`` (split by stream), built once."""
 
     def __init__(self, ds: PreparedDataset):
-        ev = ds.events
-        users = ev["user"].to_numpy()
+        ev = {c: ds.column("events", c) for c in ("user", "stream", "item", "behavior", "order")}
         self.n_users = ds.n_users
         self.streams = {}
         for stream in (0, 1):
-            sel = ev["stream"].to_numpy() == stream
-            u = users[sel]
+            sel = ev["stream"] == stream
+            u = ev["user"][sel]
             ptr = np.searchsorted(u, np.arange(self.n_users + 2))
-            self.streams[stream] = (ptr, ev["item"].to_numpy()[sel].astype(np.int64),
-                                    ev["behavior"].to_numpy()[sel].astype(np.int64) + 1,
-                                    ev["order"].to_numpy()[sel].astype(np.int64))
+            self.streams[stream] = (ptr, ev["item"][sel].astype(np.int64),
+                                    ev["behavior"][sel].astype(np.int64) + 1,
+                                    ev["order"][sel].astype(np.int64))
 
     def get(self, stream: int, user: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Items, behavior ids (1-based), orders of one user's stream, ordered by time."""

@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from m3bsr import checks
+from m3bsr.arrow import to_numpy
 from m3bsr.batch import Catalogue
 from m3bsr.errors import input_error
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 SCHEMA_VERSION = 1
 EVENT_COLUMNS = {"user": "int32", "item": "int32", "stream": "int8", "behavior": "int8",
@@ -66,26 +70,48 @@ class EvalTargets:
     def from_table(cls, t: pa.Table) -> "EvalTargets":
         cand = t.column("candidates").combine_chunks()
         width = cand.type.list_size if len(t) else 0
-        flat = cand.flatten().to_numpy(zero_copy_only=False) if len(t) else np.zeros(0, np.int32)
-        return cls(user=t.column("user").to_numpy().astype(np.int64),
-                   item=t.column("item").to_numpy().astype(np.int64),
-                   order=t.column("order").to_numpy().astype(np.int64),
+        flat = to_numpy(cand.flatten()) if len(t) else np.zeros(0, np.int32)
+        return cls(user=to_numpy(t.column("user")).astype(np.int64),
+                   item=to_numpy(t.column("item")).astype(np.int64),
+                   order=to_numpy(t.column("order")).astype(np.int64),
                    candidates=flat.astype(np.int64).reshape(len(t), width))
 
 
 @dataclass
 class PreparedDataset:
-    """A prepared dataset loaded in memory (see the module docstring for the files)."""
+    """A prepared dataset loaded in memory (see the module docstring for the files).
+
+    ``tables`` holds events, users and items as read (Arrow). Training reads them column by column
+    (:meth:`column`); the DataFrame views (``events``, ``users``, ``items``) are built on first use, so
+    a process that never asks for one never imports pandas (about 40 MB resident; docs/training.md).
+    """
 
     root: Path
     manifest: dict[str, Any]
-    events: pd.DataFrame
-    users: pd.DataFrame
-    items: pd.DataFrame
+    tables: dict[str, pa.Table]
     valid: EvalTargets
     test: EvalTargets
     features: dict[str, np.ndarray] = field(default_factory=dict)
     feature_masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def column(self, table: str, name: str) -> np.ndarray:
+        """Numeric column ``name`` of ``table`` (``events``, ``users`` or ``items``), read-only [rows]."""
+        return to_numpy(self.tables[table].column(name))
+
+    @cached_property
+    def events(self) -> pd.DataFrame:
+        """events.parquet as a DataFrame (the columns of the module docstring)."""
+        return self.tables["events"].to_pandas()
+
+    @cached_property
+    def users(self) -> pd.DataFrame:
+        """users.parquet as a DataFrame: ``user``, ``original``."""
+        return self.tables["users"].to_pandas()
+
+    @cached_property
+    def items(self) -> pd.DataFrame:
+        """items.parquet as a DataFrame: ``item``, ``original``, side ids, text/image paths, labels."""
+        return self.tables["items"].to_pandas()
 
     @property
     def n_users(self) -> int:
@@ -105,11 +131,11 @@ class PreparedDataset:
 
     def catalogue(self) -> Catalogue:
         """The item-side tensors a model may use."""
-        side_cols = [c for c in self.items.columns if c.startswith("side_")]
+        side_cols = [c for c in self.tables["items"].column_names if c.startswith("side_")]
         side_ids, side_sizes = {}, {}
         for col in side_cols:
             ids = np.zeros(self.n_items + 1, np.int64)
-            ids[self.items["item"].to_numpy()] = self.items[col].to_numpy()
+            ids[self.column("items", "item")] = self.column("items", col)
             side_ids[col[5:]] = torch.from_numpy(ids)
             side_sizes[col[5:]] = int(ids.max()) + 1
         return Catalogue(
@@ -150,14 +176,19 @@ class PreparedDataset:
         return cls(
             root=root,
             manifest=manifest,
-            events=pd.read_parquet(root / "events.parquet"),
-            users=pd.read_parquet(root / "users.parquet"),
-            items=pd.read_parquet(root / "items.parquet"),
-            valid=EvalTargets.from_table(pq.read_table(root / "valid.parquet")),
-            test=EvalTargets.from_table(pq.read_table(root / "test.parquet")),
+            tables={name: read_parquet(root / f"{name}.parquet") for name in ("events", "users", "items")},
+            valid=EvalTargets.from_table(read_parquet(root / "valid.parquet")),
+            test=EvalTargets.from_table(read_parquet(root / "test.parquet")),
             features=features,
             feature_masks=masks,
         )
+
+
+def read_parquet(path: Path) -> pa.Table:
+    """One Parquet file as an Arrow table. Why not ``pq.read_table``: it goes through
+    ``pyarrow.dataset``, which imports pandas."""
+    with pq.ParquetFile(path) as f:
+        return f.read()
 
 
 def write_prepared(out: Path, *, manifest: dict[str, Any], events: pd.DataFrame, users: pd.DataFrame,

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from m3bsr import atomic, checks
+from m3bsr.arrow import from_numpy
 from m3bsr.config import Config, build_config, parse_override, read_yaml
 from m3bsr.errors import InputError, input_error
 from m3bsr.models.configs import with_added_keys
@@ -272,9 +273,9 @@ class RunDir:
         return _json(self.metrics_json.read_text(), str(self.metrics_json))
 
     def write_test_ranks(self, users: np.ndarray, ranks: dict[str, np.ndarray]) -> None:
-        table = pa.table({"user": np.asarray(users, np.int32),
-                          "rank_sampled": np.asarray(ranks["sampled"], np.int64),
-                          "rank_full": np.asarray(ranks["full"], np.int64)})
+        table = pa.table({"user": from_numpy(np.asarray(users, np.int32)),
+                          "rank_sampled": from_numpy(np.asarray(ranks["sampled"], np.int64)),
+                          "rank_full": from_numpy(np.asarray(ranks["full"], np.int64))})
         buf = io.BytesIO()
         pq.write_table(table, buf)
         atomic.write_bytes(self.test_ranks, buf.getvalue())
