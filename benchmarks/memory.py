@@ -11,7 +11,7 @@ tensors really alive at once. The worker reads ``VmRSS`` / ``VmHWM`` from ``/pro
 each phase, in the order a run meets them:
 
     torch          ``import torch``
-    data stack     the training module's imports (pandas, pyarrow, pydantic, tqdm, the package)
+    data stack     the training module's imports (pyarrow, pydantic, tqdm, the package; not pandas)
     session        data, windows, model and optimizer (``engine.train.open_session``)
     forward        the first batch's loss; ``saved`` = bytes autograd keeps for backward (distinct
                    storages, from ``saved_tensors_hooks``), with the three largest call sites

@@ -4,7 +4,7 @@ Why: ``torch.optim`` guards ``Optimizer.step`` (``_use_grad_for_differentiable``
 ``state_dict``, ``load_state_dict`` and ``add_param_group`` so that ``torch.compile`` can trace around
 them, and each guard imports ``torch._dynamo`` (with sympy) on its first call. Training here is eager
 (``train.compile`` compiles the loss only, never the optimizer), so the guards do nothing but that
-import, which costs about 70 MB of resident memory and 2.4 s per process (a fifth of a small run's
+import, which costs about 70 MB of resident memory and 2.4 s per process (a tenth of a small run's
 peak; benchmarks/memory.py). :class:`EagerAdam` calls the same functions past the guards: every update
 and every state dict is ``torch.optim.Adam``'s, bit for bit (tests/test_optim.py), so checkpoints load
 into either class.
