@@ -133,9 +133,10 @@ class PreparedDataset:
         """The item-side tensors a model may use."""
         side_cols = [c for c in self.tables["items"].column_names if c.startswith("side_")]
         side_ids, side_sizes = {}, {}
+        item = self.column("items", "item")
         for col in side_cols:
             ids = np.zeros(self.n_items + 1, np.int64)
-            ids[self.column("items", "item")] = self.column("items", col)
+            ids[item] = self.column("items", col)
             side_ids[col[5:]] = torch.from_numpy(ids)
             side_sizes[col[5:]] = int(ids.max()) + 1
         return Catalogue(
