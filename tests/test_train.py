@@ -356,3 +356,36 @@ def test_a_training_process_imports_neither_dynamo_nor_pandas(tiny_prepared, tmp
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "imported: []"
     assert json.loads((run / "metrics.json").read_text())["epochs"] == 3
+
+
+def test_low_memory_changes_no_number(tiny_prepared, tmp_path):
+    """``train.low_memory``: in a fresh process (the setting is process-wide), a run without it and then
+    one with it give the same metrics to the last bit, and the second says in train.log that it applied."""
+    script = textwrap.dedent(f"""
+        from m3bsr.cli import main
+        for name, low in (("plain", "false"), ("low", "true")):
+            code = main(["train", "--model", "m3bsr", "--dataset", {str(tiny_prepared)!r},
+                         "--out", {str(tmp_path)!r} + "/" + name, "--quiet", "--set", "train.max_epochs=2",
+                         "--set", "model.hidden_size=16", "--set", "model.n_heads=1",
+                         "--set", "train.low_memory=" + low])
+            assert not code, code
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain, low = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("plain", "low"))
+    assert low["valid"] == plain["valid"] and low["test"] == plain["test"]
+    line = "memory: freed blocks of 256 KB or more go back to the system at once (train.low_memory)"
+    assert line in (tmp_path / "low" / "train.log").read_text()
+    assert "train.low_memory" not in (tmp_path / "plain" / "train.log").read_text()
+
+
+def test_low_memory_without_glibc_says_it_does_nothing(tiny_prepared, tmp_path, monkeypatch, capsys):
+    """Where the allocator cannot be set, the run goes on and says so once."""
+    import m3bsr.engine.train as engine
+
+    monkeypatch.setattr(engine, "release_freed_memory", lambda: False)
+    train(cfg_for(**{"train.low_memory": True, "train.max_epochs": 1}), tiny_prepared, tmp_path / "r")
+    notices = [line for line in capsys.readouterr().out.splitlines() if "train.low_memory" in line]
+    assert notices == ["notice: train.low_memory has no effect here: it needs glibc's malloc (Linux); the run "
+                       "goes on with the default allocator"]

@@ -79,6 +79,10 @@ class TrainConfig(StrictModel):
         "windows, sorted within pools of K batches, with their padding trimmed: faster on logs of mixed lengths, the "
         "same model, but other batches and dropout draws, so numbers differ from K = 0 (2-4 % lower NDCG@10 on all "
         "of tmall; docs/training.md)")
+    low_memory: bool = Field(
+        False, description="give freed blocks of 256 KB or more back to the system at once (glibc's malloc, "
+        "Linux): the peak follows the live tensors (200 users x 300 items: 479 instead of ~630 MB) but steps "
+        "are slower (here 1.9x a whole run); process-wide; same numbers (docs/training.md \"Memory\")")
     log_to: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list, description="also log every epoch's losses and metrics to TensorBoard and/or MLflow "
         "(files under the run directory; pip install 'm3bsr[tracking]')")

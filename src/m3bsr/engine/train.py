@@ -39,6 +39,7 @@ from m3bsr.config import Config
 from m3bsr.data.batches import WindowArrays, WindowBuilder, iterate_batches, training_order
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine import distributed
+from m3bsr.engine.allocator import release_freed_memory
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
@@ -96,6 +97,7 @@ class Session:
     ddp: bool = False  # loss_fn is a DistributedDataParallel module (gradients all-reduced)
     mode: DataMode = DataMode("")  # what the model reads of the dataset (models/base.py ``data_mode``)
     tracker: Tracker = field(default_factory=Tracker)  # train.log_to (rank 0 only; engine/tracking.py)
+    low_memory: bool = False  # train.low_memory took effect (engine/allocator.py)
 
     @property
     def dist_ctx(self) -> distributed.DistContext:
@@ -233,6 +235,8 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
     """Load data, build windows, model, optimizer and generators (writes nothing).
 
     With ``world_size > 1`` (process group open) the loss goes through DDP and CUDA means ``cuda:local_rank``."""
+    # Before the data and model are allocated, so that their blocks too follow the fixed threshold.
+    low_memory = cfg.train.low_memory and release_freed_memory()
     names = metric_names(cfg.eval.ks)
     check_available(cfg.train.log_to)  # a missing tracking library stops the run before any work
     if cfg.train.monitor_metric not in names:
@@ -259,7 +263,8 @@ def open_session(cfg: Config, dataset: Path, *, quiet: bool, rank: int = 0, worl
                    optimizer=optimizer, device=device, train_windows=train_windows,
                    valid_windows=builder.eval_windows("valid", cfg.eval.exclude),
                    shuffle_gen=torch_generator(cfg.seed, "train-shuffle"), quiet=quiet,
-                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module), mode=mode)
+                   rank=rank, world_size=world_size, ddp=isinstance(loss_fn, torch.nn.Module), mode=mode,
+                   low_memory=low_memory)
 
 
 def attach_loss_sampler(cfg: Config, model: torch.nn.Module, train_windows: WindowArrays,
@@ -329,6 +334,10 @@ def fit(s: Session, state: TrainState) -> dict:
     sampler = getattr(s.model, "loss_sampler", None)
     if sampler is not None:
         s.log(f"loss sampled: {sampler.describe()}", echo=True)
+    if s.cfg.train.low_memory:
+        s.log("memory: freed blocks of 256 KB or more go back to the system at once (train.low_memory)"
+              if s.low_memory else "notice: train.low_memory has no effect here: it needs glibc's malloc "
+              "(Linux); the run goes on with the default allocator", echo=True)
     once = fits_once(s)
     if s.cfg.train.bucket_by_length and not once:
         s.log(f"batches: windows of similar length, sorted in pools of {s.cfg.train.bucket_by_length} batches, "
