@@ -5,10 +5,10 @@
     python benchmarks/memory.py --dataset D --models m3bsr,sasrec --batch 256,64 --steps 3
 
 Each model x batch size runs in its own process (peak RSS is per process), twice: once with glibc's
-default allocator settings and once with ``MALLOC_MMAP_THRESHOLD_=262144``, under which every block
-of 256 KB or more is mapped when allocated and unmapped when freed, so the second peak is close to the
-tensors really alive at once. The worker reads ``VmRSS`` / ``VmHWM`` from ``/proc/self/status`` after
-each phase, in the order a run meets them:
+default allocator settings and once with ``train.low_memory=true`` (m3bsr.engine.allocator), under
+which every block of 256 KB or more is mapped when allocated and unmapped when freed, so the second
+peak is close to the tensors really alive at once. The worker reads ``VmRSS`` / ``VmHWM`` from
+``/proc/self/status`` after each phase, in the order a run meets them:
 
     torch          ``import torch``
     data stack     the training module's imports (pyarrow, pydantic, tqdm, the package; not pandas)
@@ -20,8 +20,9 @@ each phase, in the order a run meets them:
     step N         the peak after ``--steps`` batches, each followed by a validation pass (on a
                    small dataset an epoch is one or a few batches, so a run alternates the two)
 
-Columns are cumulative MB. ``retained`` = peak under glibc defaults minus peak with the threshold
-fixed: memory that was freed but stayed resident because glibc keeps it on the heap for reuse.
+Columns are cumulative MB. ``fixed`` = the last peak with ``train.low_memory``; ``retained`` = peak
+under glibc defaults minus ``fixed``: memory that was freed but stayed resident because glibc keeps it
+on the heap for reuse.
 """
 
 from __future__ import annotations
@@ -117,12 +118,10 @@ def worker(args) -> dict:
 
 def measure(args, model: str, batch: int, fixed: bool) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if fixed:
-        env["MALLOC_MMAP_THRESHOLD_"] = "262144"
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)  # an inherited setting would blur the two columns
     cmd = [sys.executable, __file__, "--worker", "--dataset", str(args.dataset), "--models", model,
            "--batch", str(batch), "--steps", str(args.steps), "--seed", str(args.seed)]
-    for s in args.sets:
+    for s in [*args.sets, f"train.low_memory={str(fixed).lower()}"]:
         cmd += ["--set", s]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -164,7 +163,7 @@ def main() -> None:
                   f"{peak - fixed_peak:>8} {'yes' if r['dynamo'] else 'no':>6}  {sites}")
     print("\nMB, cumulative: RSS after the import and session phases, peak RSS (VmHWM) from the forward on; "
           "saved = tensors kept for backward by the first forward; fixed = the last peak with "
-          "MALLOC_MMAP_THRESHOLD_=262144; retained = the last peak minus fixed; dynamo = whether "
+          "train.low_memory=true; retained = the last peak minus fixed; dynamo = whether "
           "torch._dynamo was imported (it should not be: it costs ~70 MB).")
 
 
