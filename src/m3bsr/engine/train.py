@@ -39,7 +39,7 @@ from m3bsr.config import Config
 from m3bsr.data.batches import WindowArrays, WindowBuilder, iterate_batches, training_order
 from m3bsr.data.prepared import PreparedDataset
 from m3bsr.engine import distributed
-from m3bsr.engine.allocator import release_freed_memory
+from m3bsr.engine.allocator import LOW_MEMORY_THRESHOLD, release_freed_memory
 from m3bsr.engine.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from m3bsr.engine.evaluate import evaluate
 from m3bsr.engine.metrics import metric_names
@@ -335,9 +335,10 @@ def fit(s: Session, state: TrainState) -> dict:
     if sampler is not None:
         s.log(f"loss sampled: {sampler.describe()}", echo=True)
     if s.cfg.train.low_memory:
-        s.log("memory: freed blocks of 256 KB or more go back to the system at once (train.low_memory)"
-              if s.low_memory else "notice: train.low_memory has no effect here: it needs glibc's malloc "
-              "(Linux); the run goes on with the default allocator", echo=True)
+        applied = (f"memory: freed blocks of {LOW_MEMORY_THRESHOLD // 1024} KB or more go back to the system "
+                   "at once (train.low_memory)")
+        s.log(applied if s.low_memory else "notice: train.low_memory has no effect here: it needs glibc's "
+              "malloc (Linux); the run goes on with the default allocator", echo=True)
     once = fits_once(s)
     if s.cfg.train.bucket_by_length and not once:
         s.log(f"batches: windows of similar length, sorted in pools of {s.cfg.train.bucket_by_length} batches, "
